@@ -1,0 +1,1 @@
+//! Staged checkpoint files (placeholder, being written).
