@@ -1,1 +1,3 @@
-//! Staged checkpoint files (placeholder, being written).
+//! Staged checkpoint files (being written).
+
+pub mod cli;
