@@ -1,0 +1,175 @@
+//! Bad input: each case gets one clear error line and a non-zero exit,
+//! before any guest runs. These need no KVM and run directly on this host.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use stasis_e2e::{guest_image, repo_root, run_direct, stasis_bin};
+
+/// Runs `stasis ARGS` and checks: non-zero exit, exactly one line on
+/// stderr, starting `stasis: error:` and containing `needle`, nothing on
+/// stdout.
+fn assert_refused(args: &[&str], envs: &[(&str, &str)], needle: &str) {
+    let (status, stdout, stderr) = run_direct(args, envs);
+    assert!(!status.success(), "{args:?} succeeded; stderr: {stderr}");
+    assert_eq!(status.code(), Some(1), "{args:?}: want exit 1, got {status}; stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: want one error line, got:\n{stderr}");
+    assert!(lines[0].starts_with("stasis: error: "), "{args:?}: {stderr}");
+    assert!(lines[0].contains(needle), "{args:?}: {:?} not in {stderr}", needle);
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    assert!(stdout.is_empty(), "{args:?} printed on stdout: {stdout}");
+}
+
+fn vmlinux() -> String {
+    guest_image("vmlinux")
+}
+
+#[test]
+fn missing_kernel_is_refused() {
+    assert_refused(&["boot", "--kernel", "/nonexistent/vmlinux"], &[], "No such file");
+}
+
+#[test]
+fn kernel_that_is_a_directory_is_refused() {
+    assert_refused(&["boot", "--kernel", "guest-images"], &[], "is a directory");
+}
+
+#[test]
+fn unreadable_kernel_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("vmlinux");
+    std::fs::copy(repo_root().join(vmlinux()), &path).expect("copy kernel");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000)).expect("chmod");
+    // Root reads anything: drop to nobody to see the permission check.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(stasis_bin())
+        .args(["boot", "--kernel"])
+        .arg(&path)
+        .output()
+        .expect("setpriv runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "unreadable kernel accepted: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cannot open kernel") && stderr.contains("Permission denied"), "{stderr}");
+}
+
+#[test]
+fn file_that_is_no_kernel_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, "just some text, not a kernel\n".repeat(100)).expect("write");
+    let path = path.to_str().expect("utf-8 path");
+    assert_refused(&["boot", "--kernel", path], &[], "is not a kernel");
+}
+
+#[test]
+fn truncated_elf_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("vmlinux");
+    let image = std::fs::read(repo_root().join(vmlinux())).expect("read kernel");
+    std::fs::write(&path, &image[..4096]).expect("write");
+    let path = path.to_str().expect("utf-8 path");
+    assert_refused(&["boot", "--kernel", path], &[], "is damaged");
+}
+
+#[test]
+fn initrd_larger_than_guest_memory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("big.cpio");
+    let file = std::fs::File::create(&path).expect("create");
+    file.set_len(64 << 20).expect("sparse 64 MiB");
+    let path = path.to_str().expect("utf-8 path");
+    let kernel = vmlinux();
+    assert_refused(
+        &["boot", "--kernel", &kernel, "--initrd", path, "--memory", "32M"],
+        &[],
+        "does not fit in guest memory",
+    );
+}
+
+#[test]
+fn missing_initrd_is_refused() {
+    let kernel = vmlinux();
+    assert_refused(&["boot", "--kernel", &kernel, "--initrd", "/nonexistent.cpio"], &[], "cannot open initrd");
+}
+
+#[test]
+fn memory_out_of_range_is_refused() {
+    let kernel = vmlinux();
+    assert_refused(&["boot", "--kernel", &kernel, "--memory", "16M"], &[], "out of range");
+    assert_refused(&["boot", "--kernel", &kernel, "--memory", "2T"], &[], "out of range");
+}
+
+#[test]
+fn memory_not_page_aligned_is_refused() {
+    let kernel = vmlinux();
+    assert_refused(&["boot", "--kernel", &kernel, "--memory", "536870913"], &[], "not a multiple of the 4 KiB page");
+}
+
+#[test]
+fn memory_that_does_not_parse_is_refused() {
+    let kernel = vmlinux();
+    assert_refused(&["boot", "--kernel", &kernel, "--memory", "lots"], &[], "invalid size");
+}
+
+#[test]
+fn zero_vcpus_is_refused() {
+    let kernel = vmlinux();
+    assert_refused(&["boot", "--kernel", &kernel, "--vcpus", "0"], &[], "between 1 and 32");
+}
+
+#[test]
+fn too_many_vcpus_is_refused() {
+    let kernel = vmlinux();
+    assert_refused(&["boot", "--kernel", &kernel, "--vcpus", "33"], &[], "between 1 and 32");
+    assert_refused(&["boot", "--kernel", &kernel, "--vcpus", "two"], &[], "invalid --vcpus");
+}
+
+#[test]
+fn cmdline_longer_than_the_boot_protocol_allows_is_refused() {
+    let long = "x".repeat(4096);
+    for kernel in [vmlinux(), guest_image("bzImage")] {
+        assert_refused(&["boot", "--kernel", &kernel, "--cmdline", &long], &[], "this kernel accepts at most");
+    }
+}
+
+#[test]
+fn missing_kvm_device_is_refused() {
+    let kernel = vmlinux();
+    assert_refused(
+        &["boot", "--kernel", &kernel],
+        &[("STASIS_KVM_DEVICE", "/nonexistent/kvm")],
+        "does not exist: this host has no KVM",
+    );
+}
+
+#[test]
+fn kvm_device_without_permission_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = dir.path().join("kvm");
+    std::fs::write(&fake, b"").expect("write");
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let kernel = repo_root().join(vmlinux());
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(stasis_bin())
+        .args(["boot", "--kernel"])
+        .arg(&kernel)
+        .env("STASIS_KVM_DEVICE", &fake)
+        .output()
+        .expect("setpriv runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("no permission to open"), "{stderr}");
+}
+
+#[test]
+fn device_that_is_not_kvm_is_refused() {
+    let kernel = vmlinux();
+    assert_refused(&["boot", "--kernel", &kernel], &[("STASIS_KVM_DEVICE", "/dev/null")], "/dev/null is not a KVM device");
+}
