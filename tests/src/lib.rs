@@ -221,7 +221,7 @@ impl Guest {
     /// from the `after`-th byte of the output.
     pub fn expect_line_after(&self, after: usize, line: &str, timeout: Duration) {
         self.wait_until(&format!("a line {line:?}"), timeout, |t| {
-            t.get(after..).unwrap_or("").lines().any(|l| l.trim() == line)
+            complete_lines(t.get(after..).unwrap_or("")).any(|l| l.trim() == line)
         });
     }
 
@@ -247,11 +247,10 @@ impl Guest {
         self.send_line(command);
         let prefix = format!("{marker}=");
         self.wait_until(&format!("a line starting {prefix:?}"), COMMAND_TIMEOUT, |t| {
-            t.get(from..).unwrap_or("").lines().any(|l| value_of(l, &prefix).is_some())
+            complete_lines(t.get(from..).unwrap_or("")).any(|l| value_of(l, &prefix).is_some())
         });
         let out = self.output();
-        out[from..]
-            .lines()
+        complete_lines(&out[from..])
             .find_map(|l| value_of(l, &prefix))
             .expect("line seen above")
             .to_string()
@@ -278,6 +277,12 @@ impl Guest {
             }
         }
     }
+}
+
+/// The lines of `text` that a newline has ended (a line still being
+/// printed may be cut short).
+fn complete_lines(text: &str) -> std::str::Lines<'_> {
+    text.rfind('\n').map_or("", |end| &text[..end]).lines()
 }
 
 /// `value` when `line` holds `prefix` followed by a value, and the line

@@ -6,7 +6,7 @@
 //! first (a 16-byte aligned spot in 0xe0000..0x100000, where Linux also
 //! scans for it), then XSDT, FADT, DSDT and MADT.
 
-use acpi_tables::aml::{Name, Package, Path};
+use acpi_tables::aml::{Device, EISAName, Interrupt, Name, Package, Path, ResourceTemplate, IO};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
@@ -46,11 +46,24 @@ fn bytes_of(aml: &dyn Aml) -> Vec<u8> {
     out
 }
 
-/// The DSDT: only `\_S5_`, which tells the guest the SLP_TYP for power-off.
+/// The DSDT: `\_S5_`, which tells the guest the SLP_TYP for power-off, and
+/// COM1 with its port range and interrupt. A hardware-reduced platform has
+/// no legacy IRQs, so without this entry the guest cannot map IRQ 4 and
+/// `/dev/ttyS0` fails to open.
 pub fn dsdt() -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let s5 = Name::new(Path::new("_S5_"), &Package::new(vec![&S5_SLEEP_TYPE]));
     dsdt.append_slice(&bytes_of(&s5));
+    let com1_port = layout::ports::COM1;
+    // Consumer, edge-triggered, active high, exclusive.
+    let irq = Interrupt::new(true, true, false, false, layout::ports::COM1_IRQ);
+    let io = IO::new(com1_port, com1_port, 0, 8);
+    let resources = ResourceTemplate::new(vec![&irq, &io]);
+    let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0501"));
+    let uid = Name::new(Path::new("_UID"), &0u8);
+    let crs = Name::new(Path::new("_CRS"), &resources);
+    let com1 = Device::new(Path::new("_SB_.COM1"), vec![&hid, &uid, &crs]);
+    dsdt.append_slice(&bytes_of(&com1));
     dsdt.as_slice().to_vec()
 }
 
@@ -189,6 +202,9 @@ mod tests {
         let body = &table[36..];
         assert_eq!(&body[..6], &[0x08, b'_', b'S', b'5', b'_', 0x12]);
         assert!(body.windows(2).any(|w| w == [0x0a, S5_SLEEP_TYPE]));
+        // COM1: PNP0501 as an EISA ID (0x41d0_0501) and the 0x3f8 I/O range.
+        assert!(body.windows(5).any(|w| w == [0x0c, 0x41, 0xd0, 0x05, 0x01]), "no PNP0501");
+        assert!(body.windows(6).any(|w| w == [0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03]), "no COM1 I/O");
     }
 
     #[test]
