@@ -12,6 +12,7 @@ use crate::boot::{self, BootError, BootParamsInput, InitrdImage, KernelImage};
 use crate::config::VmConfig;
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::bus::{lock, BusError, PioBus};
+use crate::devices::cmos::{Cmos, HostClock};
 use crate::devices::legacy::{I8042, IrqTrigger, SerialDevice};
 use crate::devices::PowerEvent;
 use crate::layout::ports;
@@ -162,7 +163,8 @@ pub fn boot_and_run(config: &VmConfig) -> Result<GuestExit, BuildError> {
 
 type Console = SerialDevice<IrqTrigger, std::io::Stdout>;
 
-/// COM1, the i8042 and the ACPI power registers on a port I/O bus.
+/// COM1, the i8042, the ACPI power registers and the CMOS RTC on a port
+/// I/O bus.
 fn build_devices(
     vm: &kvm_ioctls::VmFd,
     events: &Sender<VmEvent>,
@@ -176,6 +178,7 @@ fn build_devices(
     bus.insert(serial.clone(), ports::COM1, 8)?;
     bus.insert(Arc::new(Mutex::new(I8042::new(events.clone()))), ports::I8042_DATA, 5)?;
     bus.insert(Arc::new(Mutex::new(AcpiPm::new(events.clone()))), ports::ACPI_SLEEP_CONTROL, 3)?;
+    bus.insert(Arc::new(Mutex::new(Cmos::new(HostClock))), ports::CMOS, 2)?;
     Ok((Arc::new(bus), serial))
 }
 

@@ -71,6 +71,8 @@ pub mod ports {
     pub const COM1: u16 = 0x3f8;
     /// COM1's legacy interrupt line.
     pub const COM1_IRQ: u32 = 4;
+    /// CMOS RTC index port; the data port follows.
+    pub const CMOS: u16 = 0x70;
     /// i8042 data port.
     pub const I8042_DATA: u16 = 0x60;
     /// i8042 command/status port.

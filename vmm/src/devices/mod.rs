@@ -6,6 +6,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod cmos;
 pub mod legacy;
 
 use std::sync::mpsc::Sender;
