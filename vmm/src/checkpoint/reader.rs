@@ -457,7 +457,7 @@ impl Reader {
             storage_buf: Vec::new(),
             out: vec![0u8; self.header.memory_block_size as usize],
             zeros: vec![0u8; self.header.memory_block_size as usize],
-            dctx: None,
+            scratch: None,
         }
     }
 
@@ -527,24 +527,33 @@ impl Reader {
         info: &BlockInfo,
         f: impl FnOnce(&mut Scratch) -> Result<T, ReadError>,
     ) -> Result<T, ReadError> {
+        let mut scratch = self.take_scratch(info)?;
+        let result = f(&mut scratch);
+        self.return_scratch(scratch);
+        result
+    }
+
+    /// Decompression state from the pool, or new.
+    fn take_scratch(&self, info: &BlockInfo) -> Result<Scratch, ReadError> {
         let pooled = self
             .scratch
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop();
-        let mut scratch = match pooled {
-            Some(s) => s,
-            None => Scratch {
+        match pooled {
+            Some(s) => Ok(s),
+            None => Ok(Scratch {
                 dctx: new_decompressor(info)?,
                 buf: Vec::new(),
-            },
-        };
-        let result = f(&mut scratch);
+            }),
+        }
+    }
+
+    fn return_scratch(&self, scratch: Scratch) {
         self.scratch
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(scratch);
-        result
     }
 }
 
@@ -611,7 +620,16 @@ pub struct Sequential<'r> {
     storage_buf: Vec<u8>,
     out: Vec<u8>,
     zeros: Vec<u8>,
-    dctx: Option<zstd::bulk::Decompressor<'static>>,
+    /// Decompression state borrowed from the reader's pool.
+    scratch: Option<Scratch>,
+}
+
+impl Drop for Sequential<'_> {
+    fn drop(&mut self) {
+        if let Some(scratch) = self.scratch.take() {
+            self.reader.return_scratch(scratch);
+        }
+    }
 }
 
 impl Sequential<'_> {
@@ -646,11 +664,11 @@ impl Sequential<'_> {
         }
         let start = (info.file_offset - entry.file_offset) as usize;
         let stored = &self.storage_buf[start..start + info.stored_len as usize];
-        let dctx = match &mut self.dctx {
-            Some(d) => d,
-            slot => slot.insert(new_decompressor(info)?),
+        let scratch = match &mut self.scratch {
+            Some(s) => s,
+            slot => slot.insert(self.reader.take_scratch(info)?),
         };
-        decode_block(info, stored, &mut self.out[..info.len], dctx)
+        decode_block(info, stored, &mut self.out[..info.len], &mut scratch.dctx)
     }
 }
 
