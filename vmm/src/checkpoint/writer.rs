@@ -31,8 +31,8 @@ use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::format::{
-    align_up, BlockEntry, BlockKind, BlockMap, Footer, FormatError, Header, StorageEntry,
-    BLOCK_ENTRY_LEN, STORAGE_ENTRY_LEN,
+    align_up, valid_memory_block_size, valid_storage_block_size, BlockEntry, BlockKind, BlockMap,
+    Footer, FormatError, Header, StorageEntry, BLOCK_ENTRY_LEN, STORAGE_ENTRY_LEN,
 };
 use super::source::{MemorySource, SourceError};
 
@@ -638,6 +638,22 @@ pub fn write_checkpoint(
             ),
         });
     }
+    if !valid_memory_block_size(options.memory_block_size) {
+        return Err(WriteError::CheckOptions {
+            reason: format!(
+                "memory block size {} is not a power of two from 4 KiB to 2 MiB",
+                options.memory_block_size
+            ),
+        });
+    }
+    if !valid_storage_block_size(options.storage_block_size, options.memory_block_size) {
+        return Err(WriteError::CheckOptions {
+            reason: format!(
+                "storage block size {} is not a multiple of 4 KiB from the memory block size ({}) to 64 MiB",
+                options.storage_block_size, options.memory_block_size
+            ),
+        });
+    }
     let header = Header::new(
         options.memory_block_size,
         options.storage_block_size,
@@ -898,7 +914,7 @@ mod tests {
             &bad_block,
             &mut |_, _| {},
         );
-        assert!(matches!(err, Err(WriteError::BuildHeader(_))));
+        assert!(matches!(err, Err(WriteError::CheckOptions { .. })));
         assert!(!path.exists());
     }
 
