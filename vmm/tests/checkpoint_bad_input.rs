@@ -406,7 +406,8 @@ fn one_flipped_bit_in_every_byte_is_caught_or_harmless() {
     // frame header descriptor (byte 4 of the frame), which the zstd format
     // defines as unused.
     let reader = Reader::open(&path).expect("opens");
-    let mut harmless: Vec<std::ops::Range<usize>> = vec![sample.header_len()..4096];
+    let mut harmless: Vec<std::ops::Range<usize>> = Vec::new();
+    harmless.push(sample.header_len()..4096);
     for sb in 0..reader.storage_block_count() {
         let start = reader.storage_block_offset(sb).expect("exists") as usize;
         let end = reader

@@ -74,6 +74,21 @@ pub fn read_untrusted(data: &[u8]) {
             }
             i += 1;
         }
+        drop(seq);
+        if reader.block_count() <= MAX_BLOCKS_READ {
+            // The parallel path must agree with the checked random reads.
+            let _ = reader.read_all_parallel(2, &|info, data| {
+                let mut again = vec![0u8; info.len];
+                match reader.read_block(info.index, &mut again) {
+                    Ok(again) => assert_eq!(data, again, "block {} differs", info.index),
+                    Err(err) => panic!(
+                        "block {}: parallel read it, random read failed: {err}",
+                        info.index
+                    ),
+                }
+                Ok(())
+            });
+        }
     }
 }
 

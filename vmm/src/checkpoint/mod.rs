@@ -17,6 +17,9 @@ pub mod source;
 pub mod writer;
 
 pub use format::{BlockKind, Region};
-pub use reader::{BlockIndex, BlockInfo, ReadError, Reader, ReaderOptions, Sequential, Summary};
+pub use reader::{
+    BlockIndex, BlockInfo, BlockSink, ReadError, Reader, ReaderOptions, Sequential, SinkError,
+    Summary,
+};
 pub use source::{FileSource, ImageSource, MemorySource, SourceError};
 pub use writer::{write_checkpoint, WriteError, WriteStats, WriterOptions};

@@ -114,7 +114,23 @@ pub enum ReadError {
         stored: u32,
         computed: u32,
     },
+    /// The caller's sink refused a block during a parallel read.
+    #[error("cannot store block {block}")]
+    Sink {
+        block: BlockIndex,
+        #[source]
+        source: SinkError,
+    },
+    /// A parallel reader thread panicked.
+    #[error("a reader thread stopped unexpectedly")]
+    JoinThread,
 }
+
+/// What a sink of [`Reader::read_all_parallel`] may fail with.
+pub type SinkError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where [`Reader::read_all_parallel`] delivers blocks, from any thread.
+pub type BlockSink<'a> = dyn Fn(&BlockInfo, &[u8]) -> Result<(), SinkError> + Sync + 'a;
 
 /// How a reader serves random reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -447,17 +463,92 @@ impl Reader {
         Ok(out)
     }
 
+    /// Empties the storage block cache, releasing its memory.
+    pub fn clear_cache(&self) {
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.slots.clear();
+    }
+
     /// A sequential reader of every block in order, reading each storage
     /// block once: the bulk path for an eager restore and for `verify`.
     pub fn sequential(&self) -> Sequential<'_> {
+        self.sequential_range(0..self.entries.len())
+    }
+
+    /// A sequential reader of blocks `range` (clamped to the block count).
+    pub fn sequential_range(&self, range: std::ops::Range<BlockIndex>) -> Sequential<'_> {
         Sequential {
             reader: self,
-            next: 0,
+            next: range.start,
+            end: range.end.min(self.entries.len()),
             loaded: None,
             storage_buf: Vec::new(),
             out: vec![0u8; self.header.memory_block_size as usize],
             zeros: vec![0u8; self.header.memory_block_size as usize],
             scratch: None,
+        }
+    }
+
+    /// Reads every block on `threads` threads (0: one per core) and hands
+    /// each, decompressed and checked, to `sink` (zero blocks as zeros:
+    /// check `kind` to skip them). Blocks arrive in no particular order.
+    /// Work is split at storage block boundaries, so each storage block is
+    /// read once. Stops at the first error any thread meets, which need not
+    /// be the lowest-numbered bad block (use [`Reader::verify`] for that).
+    pub fn read_all_parallel(&self, threads: usize, sink: &BlockSink<'_>) -> Result<(), ReadError> {
+        let threads = match threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        // Unit k runs from the first block stored in storage block k to the
+        // first block of storage block k + 1; unit 0 starts at block 0.
+        let mut starts = vec![0];
+        let mut last_sb = 0;
+        for (i, e) in self.entries.iter().enumerate() {
+            if e.kind != BlockKind::Zero && e.storage_block != last_sb {
+                last_sb = e.storage_block;
+                starts.push(i);
+            }
+        }
+        starts.push(self.entries.len());
+        let next_unit = std::sync::atomic::AtomicUsize::new(0);
+        let failure: Mutex<Option<ReadError>> = Mutex::new(None);
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let work = || {
+            use std::sync::atomic::Ordering::Relaxed;
+            while !failed.load(Relaxed) {
+                let unit = next_unit.fetch_add(1, Relaxed);
+                if unit + 1 >= starts.len() {
+                    return;
+                }
+                let mut seq = self.sequential_range(starts[unit]..starts[unit + 1]);
+                while let Some(block) = seq.next_block() {
+                    let result = block.and_then(|(info, data)| {
+                        sink(&info, data).map_err(|source| ReadError::Sink {
+                            block: info.index,
+                            source,
+                        })
+                    });
+                    if let Err(err) = result {
+                        failed.store(true, Relaxed);
+                        failure
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .get_or_insert(err);
+                        return;
+                    }
+                }
+            }
+        };
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads).map(|_| scope.spawn(work)).collect();
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().map_err(|_| ReadError::JoinThread))
+        })?;
+        match failure.into_inner().unwrap_or_else(PoisonError::into_inner) {
+            Some(err) => Err(err),
+            None => Ok(()),
         }
     }
 
@@ -616,6 +707,7 @@ fn decode_block(
 pub struct Sequential<'r> {
     reader: &'r Reader,
     next: BlockIndex,
+    end: BlockIndex,
     loaded: Option<u32>,
     storage_buf: Vec<u8>,
     out: Vec<u8>,
@@ -637,6 +729,9 @@ impl Sequential<'_> {
     /// blocks: check `kind` to skip them), or `None` after the last block.
     /// After an error the next call moves on to the following block.
     pub fn next_block(&mut self) -> Option<Result<(BlockInfo, &[u8]), ReadError>> {
+        if self.next >= self.end {
+            return None;
+        }
         let info = self.reader.block_info(self.next)?;
         self.next += 1;
         if info.kind == BlockKind::Zero {
@@ -757,6 +852,60 @@ mod tests {
             seen += 1;
         }
         assert_eq!(seen, reader.block_count());
+    }
+
+    #[test]
+    fn read_all_parallel_delivers_every_block_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (path, low, high) = write_sample(dir.path(), &small());
+        let reader = Reader::open(&path).expect("opens");
+        let seen = Mutex::new(vec![0u32; reader.block_count()]);
+        reader
+            .read_all_parallel(3, &|info, data| {
+                assert_eq!(
+                    data,
+                    expected_block(&low, &high, info),
+                    "block {}",
+                    info.index
+                );
+                seen.lock().expect("not poisoned")[info.index] += 1;
+                Ok(())
+            })
+            .expect("reads");
+        assert!(seen
+            .into_inner()
+            .expect("not poisoned")
+            .iter()
+            .all(|&n| n == 1));
+    }
+
+    #[test]
+    fn read_all_parallel_reports_the_sink_error_with_its_block() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (path, ..) = write_sample(dir.path(), &small());
+        let reader = Reader::open(&path).expect("opens");
+        let err = reader
+            .read_all_parallel(2, &|info, _| {
+                if info.index == 30 {
+                    return Err("guest memory is gone".into());
+                }
+                Ok(())
+            })
+            .expect_err("sink fails");
+        assert!(matches!(err, ReadError::Sink { block: 30, .. }), "{err:?}");
+    }
+
+    #[test]
+    fn sequential_range_stops_at_its_end() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (path, ..) = write_sample(dir.path(), &small());
+        let reader = Reader::open(&path).expect("opens");
+        let mut seq = reader.sequential_range(10..13);
+        let mut got = Vec::new();
+        while let Some(block) = seq.next_block() {
+            got.push(block.expect("reads").0.index);
+        }
+        assert_eq!(got, vec![10, 11, 12]);
     }
 
     #[test]
