@@ -2,6 +2,7 @@
 //! and resumes it later, lazily.
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod builder;
 pub mod checkpoint;
