@@ -9,5 +9,19 @@ pub mod checkpoint;
 pub mod config;
 pub mod devices;
 pub mod layout;
+pub mod persist;
+pub mod restore;
 pub mod terminal;
 pub mod vstate;
+
+/// An error and its sources on one line: `what failed: why: deeper why`.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

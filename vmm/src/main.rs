@@ -1,12 +1,14 @@
 //! The `stasis` command line.
 
-use std::process::ExitCode;
-
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
 
-use clap::{Parser, Subcommand};
-use stasis::builder::{self, GuestExit};
+use clap::{Parser, Subcommand, ValueEnum};
+use stasis::api::{self, AfterSnapshot, ApiRequest};
+use stasis::builder::{self, GuestExit, MemoryMode, RestoreReport};
 use stasis::config::{parse_size, ConfigError, VmConfig};
+use stasis::error_chain;
 
 #[derive(Debug, Parser)]
 #[command(name = "stasis", version, about = "Boot, checkpoint and lazily resume KVM guests")]
@@ -19,6 +21,16 @@ struct Cli {
 enum Command {
     /// Boot a Linux kernel with its serial console on this terminal.
     Boot(BootArgs),
+    /// Resume a VM from a snapshot directory, in this process.
+    Restore(RestoreArgs),
+    /// Pause a running VM's vCPUs.
+    Pause(SockArgs),
+    /// Resume a paused VM's vCPUs.
+    Resume(SockArgs),
+    /// Snapshot a running VM into a directory.
+    Snapshot(SnapshotArgs),
+    /// Show a running VM's state.
+    Status(SockArgs),
     /// Checkpoint files: inspect, verify, pack, unpack.
     Checkpoint {
         #[command(subcommand)]
@@ -43,6 +55,70 @@ struct BootArgs {
     /// Number of vCPUs (1 to 32).
     #[arg(long, value_name = "N", default_value = "1")]
     vcpus: String,
+    /// Serve the control API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MemoryArg {
+    /// Load memory on demand while the VM runs.
+    Lazy,
+    /// Load all memory, then run.
+    Eager,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Debug, clap::Args)]
+struct RestoreArgs {
+    /// Snapshot directory.
+    dir: PathBuf,
+    /// How guest memory comes back.
+    #[arg(long, value_enum, default_value = "lazy")]
+    memory: MemoryArg,
+    /// Load the rest of memory in the background after resume (lazy only).
+    #[arg(long, value_enum, default_value = "on")]
+    prefetch: OnOff,
+    /// Serve the control API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Print the restore report as JSON on stderr when the VM ends.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct SockArgs {
+    /// The VM's control socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ThenArg {
+    /// Let the VM run on.
+    Resume,
+    /// End the VM once the snapshot is written.
+    Exit,
+}
+
+#[derive(Debug, clap::Args)]
+struct SnapshotArgs {
+    /// The VM's control socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// Snapshot directory to write (created, or replaced if it holds a
+    /// snapshot).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// What the VM does after the snapshot.
+    #[arg(long, value_enum, default_value = "resume")]
+    then: ThenArg,
 }
 
 /// Errors of the command line itself.
@@ -54,35 +130,85 @@ enum CliError {
     Memory(#[source] ConfigError),
 }
 
+fn exit_for(exit: GuestExit) -> ExitCode {
+    match exit {
+        GuestExit::PowerOff => log::info!("guest powered off"),
+        GuestExit::Reset => log::info!("guest rebooted; a microVM ends on reboot"),
+        GuestExit::Snapshotted => log::info!("snapshot taken; VM ended"),
+    }
+    ExitCode::SUCCESS
+}
+
 fn boot(args: BootArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let memory = parse_size(&args.memory).map_err(CliError::Memory)?;
     let vcpus: u64 = args.vcpus.trim().parse().map_err(|_| CliError::Vcpus(args.vcpus.clone()))?;
     let config = VmConfig::new(args.kernel, args.initrd, args.cmdline, memory, vcpus)?;
-    match builder::boot_and_run(&config)? {
-        GuestExit::PowerOff => log::info!("guest powered off"),
-        GuestExit::Reset => log::info!("guest rebooted; a microVM ends on reboot"),
-    }
-    Ok(ExitCode::SUCCESS)
+    let vmm = builder::build_microvm_for_boot(&config)?;
+    let (result, _) = vmm.run(args.api_sock.as_deref());
+    Ok(exit_for(result?))
 }
 
-/// Prints an error and its sources on one line.
-fn report(err: &dyn std::error::Error) {
-    let mut line = format!("stasis: error: {err}");
-    let mut source = err.source();
-    while let Some(cause) = source {
-        line.push_str(&format!(": {cause}"));
-        source = cause.source();
+fn print_restore_report(report: Option<RestoreReport>, json: bool) {
+    let Some(report) = report else { return };
+    if json {
+        if let Ok(text) = serde_json::to_string(&report) {
+            eprintln!("{text}");
+        }
+        return;
+    }
+    let mut line = format!(
+        "stasis: restore: memory={} latency_ms={:.1}",
+        report.memory, report.restore_latency_ms
+    );
+    if let Some(l) = report.loader {
+        line.push_str(&format!(
+            " faults={} blocks_on_fault={} blocks_prefetched={} resident_after_ms={}",
+            l.faults,
+            l.blocks_on_fault,
+            l.blocks_prefetched,
+            l.resident_after_ms.map_or("-".to_string(), |ms| ms.to_string())
+        ));
     }
     eprintln!("{line}");
 }
 
+fn restore(args: RestoreArgs, start: Instant) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let memory = match args.memory {
+        MemoryArg::Lazy => MemoryMode::Lazy { prefetch: matches!(args.prefetch, OnOff::On) },
+        MemoryArg::Eager => MemoryMode::Eager,
+    };
+    let vmm = builder::build_microvm_from_snapshot(&args.dir, memory, start)?;
+    let (result, report) = vmm.run(args.api_sock.as_deref());
+    print_restore_report(report, args.json);
+    Ok(exit_for(result?))
+}
+
+/// Sends one control request and prints the reply as JSON on stdout.
+fn control(sock: PathBuf, request: ApiRequest) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let reply = api::send_request(&sock, &request)?;
+    println!("{}", serde_json::Value::Object(reply));
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
+    let start = Instant::now();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_millis()
         .init();
     let cli = Cli::parse();
     let result: Result<ExitCode, Box<dyn std::error::Error>> = match cli.command {
         Command::Boot(args) => boot(args),
+        Command::Restore(args) => restore(args, start),
+        Command::Pause(args) => control(args.api_sock, ApiRequest::Pause),
+        Command::Resume(args) => control(args.api_sock, ApiRequest::Resume),
+        Command::Status(args) => control(args.api_sock, ApiRequest::Status),
+        Command::Snapshot(args) => {
+            let then = match args.then {
+                ThenArg::Resume => AfterSnapshot::Resume,
+                ThenArg::Exit => AfterSnapshot::Exit,
+            };
+            control(args.api_sock, ApiRequest::Snapshot { out: args.out, then })
+        }
         Command::Checkpoint { command } => stasis::checkpoint::cli::run(command)
             .map(|()| ExitCode::SUCCESS)
             .map_err(Into::into),
@@ -90,7 +216,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            report(err.as_ref());
+            eprintln!("stasis: error: {}", error_chain(err.as_ref()));
             ExitCode::FAILURE
         }
     }

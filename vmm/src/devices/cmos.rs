@@ -49,6 +49,24 @@ impl Clock for HostClock {
     }
 }
 
+/// The CMOS RTC's state: the index register and the RAM bytes. The clock
+/// registers are not state: they always read the host's time.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CmosState {
+    /// The selected register.
+    pub index: u8,
+    /// The 128 bytes of CMOS RAM.
+    pub ram: Vec<u8>,
+}
+
+/// Errors while restoring the RTC.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CmosStateError {
+    /// The RAM is not 128 bytes.
+    #[error("saved CMOS RAM is {0} bytes, not 128")]
+    RamSize(usize),
+}
+
 /// The CMOS RTC.
 pub struct Cmos<C: Clock> {
     clock: C,
@@ -64,6 +82,18 @@ impl<C: Clock> Cmos<C> {
         ram[usize::from(STATUS_B)] = STATUS_B_24H;
         ram[usize::from(STATUS_D)] = STATUS_D_VALID;
         Cmos { clock, index: 0, ram }
+    }
+
+    /// An RTC in a saved state.
+    pub fn from_state(clock: C, state: &CmosState) -> Result<Self, CmosStateError> {
+        let ram: [u8; 128] =
+            state.ram.as_slice().try_into().map_err(|_| CmosStateError::RamSize(state.ram.len()))?;
+        Ok(Cmos { clock, index: state.index & INDEX_MASK, ram })
+    }
+
+    /// The state to save.
+    pub fn state(&self) -> CmosState {
+        CmosState { index: self.index, ram: self.ram.to_vec() }
     }
 
     fn read_register(&self, index: u8) -> u8 {
@@ -211,6 +241,19 @@ mod tests {
     fn nmi_mask_bit_is_not_part_of_the_index() {
         let mut cmos = Cmos::new(FixedClock(59));
         assert_eq!(read(&mut cmos, 0x80 | SECONDS), 0x59);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let mut cmos = Cmos::new(FixedClock(0));
+        cmos.write(INDEX_OFFSET, &[0x41]);
+        cmos.write(DATA_OFFSET, &[0x5a]);
+        let state = cmos.state();
+        let mut restored = Cmos::from_state(FixedClock(0), &state).expect("restore");
+        assert_eq!(restored.state(), state);
+        assert_eq!(read(&mut restored, 0x41), 0x5a);
+        let bad = CmosState { index: 0, ram: vec![0; 12] };
+        assert_eq!(Cmos::from_state(FixedClock(0), &bad).err(), Some(CmosStateError::RamSize(12)));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 use std::collections::VecDeque;
 use std::io::Write;
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -46,10 +47,103 @@ pub struct SerialDevice<T: Trigger, W: Write> {
     pending: VecDeque<u8>,
 }
 
+/// The UART's registers and receive FIFO, plus input not yet in the FIFO.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialDeviceState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register: which interrupt is pending.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes in the receive FIFO.
+    pub fifo: Vec<u8>,
+    /// Input received but not yet in the FIFO.
+    pub pending: Vec<u8>,
+}
+
+/// Errors while restoring the UART.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SerialStateError {
+    /// More held-back input than the device ever keeps.
+    #[error("saved serial input of {0} bytes exceeds the limit")]
+    PendingTooLong(usize),
+    /// vm-superio refused the state (e.g. a receive FIFO over 64 bytes) or
+    /// the interrupt could not be raised.
+    #[error("cannot restore the serial port: {0}")]
+    Restore(String),
+}
+
+/// IIR value when no interrupt is pending.
+const IIR_NONE: u8 = 0x01;
+
 impl<T: Trigger, W: Write> SerialDevice<T, W> {
     /// A UART raising `irq` and writing to `out`.
     pub fn new(irq: T, out: W) -> Self {
         SerialDevice { uart: Serial::new(irq, out), pending: VecDeque::new() }
+    }
+
+    /// A UART in a saved state. If an interrupt was pending, it is raised
+    /// again: its edge may have been lost with the old process.
+    pub fn from_state(irq: T, out: W, state: &SerialDeviceState) -> Result<Self, SerialStateError> {
+        if state.pending.len() > MAX_PENDING_INPUT {
+            return Err(SerialStateError::PendingTooLong(state.pending.len()));
+        }
+        let uart_state = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.fifo.clone(),
+        };
+        let pending_irq = state.interrupt_identification & IIR_NONE == 0;
+        let uart = Serial::from_state(&uart_state, irq, NoEvents, out)
+            .map_err(|e| SerialStateError::Restore(format!("{e:?}")))?;
+        let mut device = SerialDevice { uart, pending: state.pending.iter().copied().collect() };
+        if pending_irq {
+            device
+                .uart
+                .interrupt_evt()
+                .trigger()
+                .map_err(|e| SerialStateError::Restore(format!("{e:?}")))?;
+        }
+        device.fill_fifo();
+        Ok(device)
+    }
+
+    /// The state to save.
+    pub fn state(&self) -> SerialDeviceState {
+        let s = self.uart.state();
+        SerialDeviceState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            fifo: s.in_buffer,
+            pending: self.pending.iter().copied().collect(),
+        }
     }
 
     /// Queues bytes typed for the guest; returns how many were accepted
@@ -193,6 +287,36 @@ mod tests {
         }
         assert_eq!(got, input);
         assert!(*irq.0.lock().expect("lock") > 0, "no receive interrupt raised");
+    }
+
+    #[test]
+    fn serial_state_round_trips_with_fifo_and_pending_input() {
+        let irq = CountingIrq::default();
+        let mut dev = SerialDevice::new(irq.clone(), Vec::new());
+        dev.write(IER, &[0x01]);
+        dev.write(3, &[0x03]);
+        let input: Vec<u8> = (0..100u8).collect();
+        dev.queue_input(&input);
+        let state = dev.state();
+        assert_eq!(state.fifo.len() + state.pending.len(), 100);
+        assert_eq!(state.line_control, 0x03);
+
+        let irq2 = CountingIrq::default();
+        let mut restored = SerialDevice::from_state(irq2.clone(), Vec::new(), &state).expect("restore");
+        assert_eq!(restored.state(), state);
+        assert!(*irq2.0.lock().expect("lock") > 0, "pending receive interrupt not raised again");
+        let mut got = Vec::new();
+        while read_byte(&mut restored, LSR) & LSR_DATA_READY != 0 {
+            got.push(read_byte(&mut restored, DATA));
+        }
+        assert_eq!(got, input);
+    }
+
+    #[test]
+    fn serial_state_with_oversized_fifo_is_refused() {
+        let state = SerialDeviceState { fifo: vec![0; 65], interrupt_identification: 1, ..Default::default() };
+        let err = SerialDevice::from_state(CountingIrq::default(), Vec::new(), &state).err();
+        assert!(matches!(err, Some(SerialStateError::Restore(_))));
     }
 
     #[test]

@@ -1,13 +1,19 @@
 //! A vCPU: its boot-time configuration (CPUID, MSRs, registers, LAPIC) and
 //! the loop that runs it and serves its port I/O exits.
 
-use std::sync::mpsc::Sender;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
-    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
+use serde::{Deserialize, Serialize};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -98,6 +104,177 @@ pub enum VcpuError {
     /// KVM_SET_LAPIC failed.
     #[error("cannot set the local APIC of vCPU {0}")]
     SetLapic(u8, #[source] kvm_ioctls::Error),
+    /// Reading one part of the vCPU state failed.
+    #[error("cannot read the {what} of vCPU {index}")]
+    GetState {
+        /// vCPU.
+        index: u8,
+        /// Which part.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Writing one part of the vCPU state failed.
+    #[error("cannot restore the {what} of vCPU {index}")]
+    SetState {
+        /// vCPU.
+        index: u8,
+        /// Which part.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM refused an MSR while restoring.
+    #[error("KVM refused MSR {msr:#x} ({set} of {wanted} MSRs restored) on vCPU {index}")]
+    RestoreMsr {
+        /// vCPU.
+        index: u8,
+        /// The MSR KVM stopped at.
+        msr: u32,
+        /// How many went in.
+        set: usize,
+        /// How many were asked.
+        wanted: usize,
+    },
+    /// The vCPU thread is gone (its guest failed or the VM is ending).
+    #[error("vCPU {0} is no longer running")]
+    ThreadGone(u8),
+    /// The vCPU thread did not answer in time.
+    #[error("vCPU {0} did not pause within {1:?}")]
+    PauseTimeout(u8, Duration),
+    /// The guest's XSAVE area is larger than KVM_GET_XSAVE carries.
+    #[error("this host's XSAVE area is {0} bytes; only 4096-byte areas can be saved")]
+    XsaveTooLarge(usize),
+}
+
+/// Everything KVM holds for one vCPU, as saved in a snapshot.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// vCPU index (also its APIC ID).
+    pub index: u8,
+    /// Multiprocessing state (running, halted, waiting for SIPI).
+    pub mp_state: kvm_mp_state,
+    /// General-purpose registers.
+    pub regs: kvm_regs,
+    /// Segment, control and descriptor-table registers.
+    pub sregs: kvm_sregs,
+    /// FPU, SSE and AVX state.
+    pub xsave: kvm_xsave,
+    /// Extended control registers (XCR0).
+    pub xcrs: kvm_xcrs,
+    /// Debug registers.
+    pub debug_regs: kvm_debugregs,
+    /// The local APIC's registers.
+    pub lapic: kvm_lapic_state,
+    /// TSC frequency in kHz.
+    pub tsc_khz: u32,
+    /// CPUID as KVM holds it now.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// Every MSR KVM lets us read, in ascending index order.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// Pending exceptions, interrupts and NMIs.
+    pub events: kvm_vcpu_events,
+}
+
+/// Requests the VMM sends to a vCPU thread.
+#[derive(Debug)]
+enum VcpuRequest {
+    /// Leave KVM_RUN and wait.
+    Pause,
+    /// Run again.
+    Resume,
+    /// Read the state (only while paused).
+    SaveState,
+}
+
+/// A vCPU thread's answers.
+#[derive(Debug)]
+enum VcpuResponse {
+    Paused,
+    Resumed,
+    State(Box<Result<VcpuState, VcpuError>>),
+}
+
+/// Signal that kicks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn noop_signal_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the no-op handler for the kick signal; its only effect is to
+/// make KVM_RUN return EINTR.
+pub fn register_kick_signal() -> Result<(), std::io::Error> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_signal_handler)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// How long to wait for a vCPU to pause or answer.
+const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a running vCPU is kicked until it says it paused (a kick that
+/// lands just before KVM_RUN is entered is lost).
+const KICK_INTERVAL: Duration = Duration::from_millis(5);
+
+/// The VMM's side of a running vCPU thread.
+pub struct VcpuHandle {
+    index: u8,
+    thread: JoinHandle<()>,
+    requests: Sender<VcpuRequest>,
+    responses: Receiver<VcpuResponse>,
+}
+
+impl VcpuHandle {
+    /// The vCPU's index.
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    fn kick(&self) {
+        // SAFETY: the pthread_t belongs to a thread we spawned and have not
+        // joined, so it is valid; the signal has a no-op handler.
+        unsafe { libc::pthread_kill(self.thread.as_pthread_t(), kick_signal()) };
+    }
+
+    /// Takes the vCPU out of KVM_RUN and waits until it is parked.
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        let gone = || VcpuError::ThreadGone(self.index);
+        self.requests.send(VcpuRequest::Pause).map_err(|_| gone())?;
+        let deadline = std::time::Instant::now() + VCPU_ANSWER_TIMEOUT;
+        loop {
+            self.kick();
+            match self.responses.recv_timeout(KICK_INTERVAL) {
+                Ok(VcpuResponse::Paused) => return Ok(()),
+                Ok(other) => log::warn!("vCPU {} answered {other:?} to pause", self.index),
+                Err(RecvTimeoutError::Timeout) if std::time::Instant::now() < deadline => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(VcpuError::PauseTimeout(self.index, VCPU_ANSWER_TIMEOUT))
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(gone()),
+            }
+        }
+    }
+
+    /// Reads the paused vCPU's state.
+    pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
+        let gone = || VcpuError::ThreadGone(self.index);
+        self.requests.send(VcpuRequest::SaveState).map_err(|_| gone())?;
+        match self.responses.recv_timeout(VCPU_ANSWER_TIMEOUT) {
+            Ok(VcpuResponse::State(state)) => *state,
+            _ => Err(gone()),
+        }
+    }
+
+    /// Lets the paused vCPU run again.
+    pub fn resume(&self) -> Result<(), VcpuError> {
+        let gone = || VcpuError::ThreadGone(self.index);
+        self.requests.send(VcpuRequest::Resume).map_err(|_| gone())?;
+        match self.responses.recv_timeout(VCPU_ANSWER_TIMEOUT) {
+            Ok(VcpuResponse::Resumed) => Ok(()),
+            _ => Err(gone()),
+        }
+    }
 }
 
 /// Why a vCPU stopped running.
@@ -130,6 +307,21 @@ pub struct Vcpu {
     fd: VcpuFd,
 }
 
+/// The MSRs to save: KVM's list, in ascending order. Ascending order also
+/// puts IA32_TSC (0x10) before IA32_TSC_DEADLINE (0x6e0) on restore, as it
+/// must be: the deadline is meaningful only against the restored TSC.
+pub fn msrs_to_save(kvm: &Kvm) -> Result<Vec<u32>, VcpuError> {
+    let list = kvm.get_msr_index_list().map_err(|source| VcpuError::GetState {
+        index: 0,
+        what: "MSR index list",
+        source,
+    })?;
+    let mut msrs = list.as_slice().to_vec();
+    msrs.sort_unstable();
+    msrs.dedup();
+    Ok(msrs)
+}
+
 impl Vcpu {
     /// Creates vCPU `index` (also its APIC ID).
     pub fn new(vm: &VmFd, index: u8) -> Result<Self, VcpuError> {
@@ -137,6 +329,11 @@ impl Vcpu {
             .create_vcpu(u64::from(index))
             .map_err(|e| VcpuError::CreateVcpu(index, e))?;
         Ok(Vcpu { index, fd })
+    }
+
+    /// Its index (also its APIC ID).
+    pub fn index(&self) -> u8 {
+        self.index
     }
 
     /// Sets everything the vCPU needs before its first KVM_RUN to enter
@@ -260,16 +457,177 @@ impl Vcpu {
         self.fd.set_lapic(&lapic).map_err(|e| VcpuError::SetLapic(index, e))
     }
 
-    /// Runs the vCPU until it stops, serving port I/O on `bus`; reports the
-    /// stop on `events`.
-    pub fn run<T: From<VcpuEvent>>(mut self, bus: Arc<PioBus>, mem: GuestMemoryMmap, events: Sender<T>) {
-        let stop = self.run_loop(&bus, &mem);
-        // The receiver only goes away while the VMM is exiting anyway.
-        let _ = events.send(T::from(VcpuEvent { index: self.index, stop }));
+    /// Reads the vCPU's whole state. MP state first: reading it may make
+    /// KVM process pending APIC events, which changes what follows.
+    pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
+        let index = self.index;
+        let get = |what: &'static str| move |source| VcpuError::GetState { index, what, source };
+        let mp_state = self.fd.get_mp_state().map_err(get("MP state"))?;
+        let regs = self.fd.get_regs().map_err(get("registers"))?;
+        let sregs = self.fd.get_sregs().map_err(get("special registers"))?;
+        let xsave = self.fd.get_xsave().map_err(get("XSAVE state"))?;
+        let xcrs = self.fd.get_xcrs().map_err(get("XCRs"))?;
+        let debug_regs = self.fd.get_debug_regs().map_err(get("debug registers"))?;
+        let lapic = self.fd.get_lapic().map_err(get("local APIC"))?;
+        let tsc_khz = self.fd.get_tsc_khz().map_err(get("TSC frequency"))?;
+        let cpuid = self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(get("CPUID"))?
+            .as_slice()
+            .to_vec();
+        let msrs = self.read_msrs(msr_indices)?;
+        let events = self.fd.get_vcpu_events().map_err(get("pending events"))?;
+        Ok(VcpuState { index, mp_state, regs, sregs, xsave, xcrs, debug_regs, lapic, tsc_khz, cpuid, msrs, events })
     }
 
-    fn run_loop(&mut self, bus: &PioBus, mem: &GuestMemoryMmap) -> VcpuStop {
+    /// Reads every MSR in `indices` that KVM lets us read. KVM_GET_MSRS
+    /// stops at the first MSR it refuses and returns how many it read: that
+    /// MSR is dropped and the rest read again.
+    fn read_msrs(&self, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuError> {
+        let mut wanted: Vec<u32> = indices.to_vec();
+        let mut done: Vec<kvm_msr_entry> = Vec::with_capacity(wanted.len());
+        let build = |list: &[u32]| {
+            let entries: Vec<kvm_msr_entry> =
+                list.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+            Msrs::from_entries(&entries).map_err(|_| VcpuError::BuildMsrs)
+        };
+        while !wanted.is_empty() {
+            // The FAM wrapper holds at most a few hundred entries per call.
+            let chunk = wanted.len().min(256);
+            let mut msrs = build(&wanted[..chunk])?;
+            let read = self.fd.get_msrs(&mut msrs).map_err(|source| VcpuError::GetState {
+                index: self.index,
+                what: "MSRs",
+                source,
+            })?;
+            done.extend_from_slice(&msrs.as_slice()[..read]);
+            let skip = if read < chunk {
+                log::debug!("vCPU {}: MSR {:#x} cannot be read; not saved", self.index, wanted[read]);
+                1
+            } else {
+                0
+            };
+            wanted.drain(..read + skip);
+        }
+        Ok(done)
+    }
+
+    /// Puts a saved state back, in the order KVM needs it.
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        let index = self.index;
+        let set = |what: &'static str| move |source| VcpuError::SetState { index, what, source };
+        // CPUID before anything else, and before the first KVM_RUN: KVM
+        // decides from it which MSRs and XSAVE features the vCPU has.
+        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::BuildCpuid)?;
+        self.fd.set_cpuid2(&cpuid).map_err(set("CPUID"))?;
+        // The TSC frequency before the TSC MSRs that count in it; only when
+        // it differs (not every host can scale it).
+        if self.fd.get_tsc_khz().ok() != Some(state.tsc_khz) {
+            self.fd.set_tsc_khz(state.tsc_khz).map_err(set("TSC frequency"))?;
+        }
+        self.fd.set_mp_state(state.mp_state).map_err(set("MP state"))?;
+        // SREGS before REGS: setting SREGS changes mode, which REGS (RIP,
+        // RFLAGS) are interpreted in.
+        self.fd.set_sregs(&state.sregs).map_err(set("special registers"))?;
+        self.fd.set_regs(&state.regs).map_err(set("registers"))?;
+        // SAFETY: `state.xsave` is a whole kvm_xsave, the size KVM reads
+        // for KVM_SET_XSAVE when the XSAVE area fits 4096 bytes, which
+        // the VMM checked before saving it.
+        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(set("XSAVE state"))?;
+        self.fd.set_xcrs(&state.xcrs).map_err(set("XCRs"))?;
+        self.fd.set_debug_regs(&state.debug_regs).map_err(set("debug registers"))?;
+        // LAPIC after SREGS (which carries the APIC base) and before the
+        // MSRs (the TSC-deadline MSR is armed in the LAPIC's timer).
+        self.fd.set_lapic(&state.lapic).map_err(set("local APIC"))?;
+        let msrs = Msrs::from_entries(&state.msrs).map_err(|_| VcpuError::BuildMsrs)?;
+        let written = self.fd.set_msrs(&msrs).map_err(set("MSRs"))?;
+        if written != state.msrs.len() {
+            return Err(VcpuError::RestoreMsr {
+                index,
+                msr: state.msrs[written].index,
+                set: written,
+                wanted: state.msrs.len(),
+            });
+        }
+        // Events last: setting REGS clears a pending exception, and the
+        // events restore it.
+        self.fd.set_vcpu_events(&state.events).map_err(set("pending events"))?;
+        Ok(())
+    }
+
+    /// Tells KVM the guest was paused, so its soft-lockup watchdog does not
+    /// count the pause. Fails harmlessly when the guest has no kvmclock.
+    pub fn notify_paused(&self) {
+        if let Err(e) = self.fd.kvmclock_ctrl() {
+            log::debug!("vCPU {}: KVM_KVMCLOCK_CTRL: {e}", self.index);
+        }
+    }
+
+    /// Starts the vCPU on its own thread; it runs until it stops, serving
+    /// port I/O on `bus`, and reports the stop on `events`.
+    pub fn start<T: From<VcpuEvent> + Send + 'static>(
+        self,
+        bus: Arc<PioBus>,
+        mem: GuestMemoryMmap,
+        msr_indices: Arc<Vec<u32>>,
+        events: Sender<T>,
+    ) -> Result<VcpuHandle, std::io::Error> {
+        let index = self.index;
+        let (req_tx, req_rx) = channel();
+        let (resp_tx, resp_rx) = channel();
+        let thread = std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || {
+            let mut vcpu = self;
+            let stop = vcpu.run_loop(&bus, &mem, &msr_indices, &req_rx, &resp_tx);
+            if let Some(stop) = stop {
+                // The receiver only goes away while the VMM is exiting.
+                let _ = events.send(T::from(VcpuEvent { index: vcpu.index, stop }));
+            }
+        })?;
+        Ok(VcpuHandle { index, thread, requests: req_tx, responses: resp_rx })
+    }
+
+    /// Serves requests while paused; returns false when the VMM is gone.
+    fn paused(&self, msrs: &[u32], requests: &Receiver<VcpuRequest>, responses: &Sender<VcpuResponse>) -> bool {
+        self.notify_paused();
+        if responses.send(VcpuResponse::Paused).is_err() {
+            return false;
+        }
         loop {
+            let reply = match requests.recv() {
+                Ok(VcpuRequest::SaveState) => VcpuResponse::State(Box::new(self.save_state(msrs))),
+                Ok(VcpuRequest::Resume) => {
+                    return responses.send(VcpuResponse::Resumed).is_ok();
+                }
+                Ok(VcpuRequest::Pause) => VcpuResponse::Paused,
+                Err(_) => return false,
+            };
+            if responses.send(reply).is_err() {
+                return false;
+            }
+        }
+    }
+
+    fn run_loop(
+        &mut self,
+        bus: &PioBus,
+        mem: &GuestMemoryMmap,
+        msrs: &[u32],
+        requests: &Receiver<VcpuRequest>,
+        responses: &Sender<VcpuResponse>,
+    ) -> Option<VcpuStop> {
+        loop {
+            match requests.try_recv() {
+                Ok(VcpuRequest::Pause) => {
+                    if !self.paused(msrs, requests, responses) {
+                        return None;
+                    }
+                    continue;
+                }
+                Ok(other) => log::warn!("vCPU {} got {other:?} while running", self.index),
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return None,
+            }
             let exit = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !bus.read(port, data) {
@@ -301,18 +659,18 @@ impl Vcpu {
                 Ok(VcpuExit::InternalError) => Exit::InternalError,
                 Ok(VcpuExit::FailEntry(reason, cpu)) => Exit::FailEntry(reason, cpu),
                 Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
-                    KVM_SYSTEM_EVENT_SHUTDOWN => return VcpuStop::Power(PowerEvent::PowerOff),
-                    KVM_SYSTEM_EVENT_RESET => return VcpuStop::Power(PowerEvent::Reset),
+                    KVM_SYSTEM_EVENT_SHUTDOWN => return Some(VcpuStop::Power(PowerEvent::PowerOff)),
+                    KVM_SYSTEM_EVENT_RESET => return Some(VcpuStop::Power(PowerEvent::Reset)),
                     KVM_SYSTEM_EVENT_CRASH => Exit::Other("guest crash system event".into()),
                     other => Exit::Other(format!("system event {other}")),
                 },
                 Ok(other) => Exit::Other(format!("{other:?}")),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
                 Err(e) => {
-                    return VcpuStop::Failed(format!("vCPU {}: KVM_RUN failed: {e}", self.index))
+                    return Some(VcpuStop::Failed(format!("vCPU {}: KVM_RUN failed: {e}", self.index)))
                 }
             };
-            return VcpuStop::Failed(self.describe_failure(exit, mem));
+            return Some(VcpuStop::Failed(self.describe_failure(exit, mem)));
         }
     }
 

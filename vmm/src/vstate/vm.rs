@@ -153,3 +153,64 @@ pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> 
     }
     Ok(())
 }
+
+/// The in-kernel devices' state, as saved in a snapshot.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct VmState {
+    /// The i8254 PIT.
+    pub pit: kvm_bindings::kvm_pit_state2,
+    /// kvmclock's time base.
+    pub clock: kvm_bindings::kvm_clock_data,
+    /// PIC master, PIC slave and IOAPIC, in that order.
+    pub irqchips: Vec<kvm_bindings::kvm_irqchip>,
+}
+
+/// The chip IDs of KVM_GET_IRQCHIP: PIC master, PIC slave, IOAPIC.
+const IRQCHIP_IDS: [u32; 3] = [
+    kvm_bindings::KVM_IRQCHIP_PIC_MASTER,
+    kvm_bindings::KVM_IRQCHIP_PIC_SLAVE,
+    kvm_bindings::KVM_IRQCHIP_IOAPIC,
+];
+
+/// Errors while saving or restoring the VM's in-kernel state.
+#[derive(Debug, thiserror::Error)]
+pub enum VmStateError {
+    /// A KVM_GET_* failed.
+    #[error("cannot read the VM's {0}")]
+    Get(&'static str, #[source] kvm_ioctls::Error),
+    /// A KVM_SET_* failed.
+    #[error("cannot restore the VM's {0}")]
+    Set(&'static str, #[source] kvm_ioctls::Error),
+    /// The saved state lacks an interrupt controller.
+    #[error("the saved VM state holds {0} interrupt controllers, not 3")]
+    IrqchipCount(usize),
+}
+
+/// Reads PIT, clock and interrupt controllers; the vCPUs must be paused.
+pub fn save_vm_state(vm: &VmFd) -> Result<VmState, VmStateError> {
+    let pit = vm.get_pit2().map_err(|e| VmStateError::Get("PIT", e))?;
+    let clock = vm.get_clock().map_err(|e| VmStateError::Get("clock", e))?;
+    let mut irqchips = Vec::with_capacity(IRQCHIP_IDS.len());
+    for chip_id in IRQCHIP_IDS {
+        let mut chip = kvm_bindings::kvm_irqchip { chip_id, ..Default::default() };
+        vm.get_irqchip(&mut chip).map_err(|e| VmStateError::Get("interrupt controller", e))?;
+        irqchips.push(chip);
+    }
+    Ok(VmState { pit, clock, irqchips })
+}
+
+/// Puts PIT, clock and interrupt controllers back.
+pub fn restore_vm_state(vm: &VmFd, state: &VmState) -> Result<(), VmStateError> {
+    if state.irqchips.len() != IRQCHIP_IDS.len() {
+        return Err(VmStateError::IrqchipCount(state.irqchips.len()));
+    }
+    vm.set_pit2(&state.pit).map_err(|e| VmStateError::Set("PIT", e))?;
+    // KVM_SET_CLOCK takes no flags but KVM_CLOCK_REALTIME; the saved ones
+    // describe the old host's clock.
+    let clock = kvm_bindings::kvm_clock_data { flags: 0, ..state.clock };
+    vm.set_clock(&clock).map_err(|e| VmStateError::Set("clock", e))?;
+    for chip in &state.irqchips {
+        vm.set_irqchip(chip).map_err(|e| VmStateError::Set("interrupt controller", e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,4 @@
+//! Restoring guest memory from a checkpoint: lazily through userfaultfd,
+//! or eagerly before the VM runs.
+
+pub mod uffd;
