@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Helpers shared by guest-images/build and scripts/testhost. Sourced, not run.
 # Every message goes to stderr: callers keep stdout for their own output.
 
