@@ -1,0 +1,53 @@
+# shellcheck shell=bash
+# Helpers shared by guest-images/build and scripts/testhost. Sourced, not run.
+# Every message goes to stderr: callers keep stdout for their own output.
+
+# The name messages are prefixed with; callers set it before sourcing.
+: "${PROG:=$(basename "$0")}"
+
+say() { printf '%s: %s\n' "$PROG" "$*" >&2; }
+
+# die [STATUS] MESSAGE: one clear line on stderr, then exit (default 1).
+die() {
+    local status=1
+    if [ $# -gt 1 ]; then status=$1; shift; fi
+    printf '%s: error: %s\n' "$PROG" "$*" >&2
+    exit "$status"
+}
+
+# ensure_tools STATUS COMMAND:PACKAGE...
+# Installs, with apt, the packages of the commands that are missing, then
+# dies with STATUS if any is still missing. A fresh CI machine runs as root
+# and has none of qemu, lz4 or cpio.
+ensure_tools() {
+    local status=$1; shift
+    local pair cmd missing=() pkgs=()
+    for pair in "$@"; do
+        cmd=${pair%%:*}
+        command -v "$cmd" >/dev/null 2>&1 && continue
+        missing+=("$cmd")
+        pkgs+=("${pair#*:}")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing ${pkgs[*]} (missing: ${missing[*]})"
+        local log
+        log=$(mktemp)
+        if ! { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+                apt-get install -y -q --no-install-recommends "${pkgs[@]}"; } \
+                >"$log" 2>&1; then
+            tail -n 20 "$log" >&2
+        fi
+        rm -f "$log"
+    fi
+    for cmd in "${missing[@]}"; do
+        command -v "$cmd" >/dev/null 2>&1 ||
+            die "$status" "'$cmd' is missing and could not be installed (apt-get install ${pkgs[*]})"
+    done
+}
+
+# Seconds since the epoch with microseconds, for timings.
+now() { printf '%s' "${EPOCHREALTIME:-$(date +%s.%N)}"; }
+
+# elapsed START: seconds since START (from now), with two decimals.
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
