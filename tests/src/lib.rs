@@ -80,6 +80,35 @@ pub fn runner() -> Runner {
     }
 }
 
+/// Runs the calling test inside the test host when KVM is not
+/// hardware-backed here: re-executes this very test binary there, with
+/// only `test_name` selected and the direct runner, and asserts it passed.
+/// Returns true when it did so (the caller then returns at once); false
+/// when the caller should run its body here, on real KVM.
+///
+/// Tests that run several stasis processes at once (a VM and the client
+/// that snapshots it) need this: they all must share one KVM host.
+pub fn run_in_kvm_host(test_name: &str) -> bool {
+    if runner() == Runner::Direct {
+        return false;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let root = repo_root();
+    let status = Command::new(root.join("scripts/testhost"))
+        .arg("--file")
+        .arg(&exe)
+        .arg("--")
+        .args(["env", "STASIS_E2E_RUNNER=direct", "RUST_BACKTRACE=1"])
+        .arg(&exe)
+        .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
+        .current_dir(&root)
+        .stdin(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("cannot start scripts/testhost: {e}"));
+    assert!(status.success(), "{test_name} failed inside the test host ({status})");
+    true
+}
+
 /// A command line for `stasis ARGS…` under the chosen runner, run from the
 /// repository root (paths in ARGS are relative to it).
 pub fn stasis_command(args: &[String], extra_files: &[&str]) -> Command {

@@ -1,0 +1,170 @@
+//! Snapshot a running guest and restore it in a new process: the guest's
+//! memory, its running programs and its console must come back exactly.
+//!
+//! On hosts without hardware KVM each test re-runs itself inside the test
+//! host, where the VM, the snapshot client and the restored VM share KVM.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use stasis_e2e::{boot_args, run_in_kvm_host, stasis_bin, Guest, COMMAND_TIMEOUT};
+
+const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Writing 64 MiB of random data and hashing it, under nested KVM.
+const WORK_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A scratch directory that lives as long as the test.
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("stasis-e2e").tempdir().expect("tempdir")
+}
+
+fn api_sock(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.sock"))
+}
+
+/// `stasis snapshot --api-sock SOCK --out OUT --then THEN`; returns its
+/// stdout (the JSON reply).
+fn snapshot(sock: &Path, out: &Path, then: &str) -> String {
+    let output = Command::new(stasis_bin())
+        .args(["snapshot", "--api-sock"])
+        .arg(sock)
+        .arg("--out")
+        .arg(out)
+        .args(["--then", then])
+        .output()
+        .expect("stasis snapshot runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "snapshot failed: {stderr}{stdout}");
+    assert!(stdout.contains("\"snapshot\":{"), "reply: {stdout}");
+    stdout
+}
+
+/// Waits until the socket file exists (the VMM serves it before the vCPUs
+/// run).
+fn wait_for_socket(sock: &Path, guest: &Guest) {
+    guest.wait_until("the API socket", COMMAND_TIMEOUT, |_| sock.exists());
+}
+
+/// The last `TICK=n` the guest printed.
+fn last_tick(output: &str) -> Option<u64> {
+    output.lines().filter_map(|l| l.trim().strip_prefix("TICK=")?.trim().parse().ok()).last()
+}
+
+/// All `TICK=n` values in order.
+fn ticks(output: &str) -> Vec<u64> {
+    output.lines().filter_map(|l| l.trim().strip_prefix("TICK=")?.trim().parse().ok()).collect()
+}
+
+/// Boots a guest, fills 64 MiB of tmpfs with random data, starts a
+/// counter, and snapshots it with --then exit. Returns the file's sha256
+/// and the last tick seen before the snapshot.
+fn prepare_snapshot(dir: &Path, out: &Path, extra: &[&str]) -> (String, u64) {
+    let sock = api_sock(dir, "boot");
+    let sock_arg = sock.to_str().expect("utf-8").to_string();
+    let mut args = boot_args("vmlinux", extra);
+    args.extend(["--api-sock".to_string(), sock_arg]);
+    let mut guest = Guest::spawn(&args);
+    guest.wait_ready();
+    wait_for_socket(&sock, &guest);
+    let from = guest.output().len();
+    guest.send_line("dd if=/dev/urandom of=/tmp/blob bs=1M count=64 2>/dev/null; echo SHA=$(sha256sum /tmp/blob | cut -d' ' -f1)");
+    guest.wait_until("the sha256", WORK_TIMEOUT, |t| {
+        t.get(from..).unwrap_or("").lines().any(|l| l.trim().starts_with("SHA=") && l.trim().len() == 68)
+    });
+    let sha = guest.query("SHA", "echo SHA=$(sha256sum /tmp/blob | cut -d' ' -f1)");
+    guest.send_line("(i=0; while true; do i=$((i+1)); echo TICK=$i; sleep 0.5; done) &");
+    guest.wait_until("TICK=4", COMMAND_TIMEOUT, |t| last_tick(t).is_some_and(|n| n >= 4));
+    snapshot(&sock, out, "exit");
+    let (status, output) = guest.wait_exit(EXIT_TIMEOUT);
+    assert!(status.success(), "VM did not exit cleanly after snapshot --then exit: {status}\n{output}");
+    let tick = last_tick(&output).expect("ticks before the snapshot");
+    assert!(!sock.exists(), "API socket left behind");
+    (sha, tick)
+}
+
+/// Restores `snap` with `extra` arguments and checks the guest is the one
+/// saved: console answers, the counter continues, the file is intact.
+/// Returns the running guest (for a further snapshot) and its socket.
+fn restore_and_check(dir: &Path, snap: &Path, extra: &[&str], sha: &str, tick_before: u64, name: &str) -> (Guest, PathBuf) {
+    let sock = api_sock(dir, name);
+    let mut args = vec!["restore".to_string(), snap.to_str().expect("utf-8").to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(["--api-sock".to_string(), sock.to_str().expect("utf-8").to_string()]);
+    let mut guest = Guest::spawn(&args);
+    // The counter continues from where it stopped: the next ticks follow
+    // the last one seen, with no restart from 1 and no jump back.
+    guest.wait_until("ticks after restore", COMMAND_TIMEOUT, |t| ticks(t).len() >= 3);
+    let after = ticks(&guest.output());
+    assert!(after[0] > tick_before.saturating_sub(1) && after[0] <= tick_before + 2,
+        "counter restarted or jumped: last before {tick_before}, first after {}", after[0]);
+    assert!(after.windows(2).all(|w| w[1] == w[0] + 1), "counter not consecutive: {after:?}");
+    let now = guest.query("SHA", "echo SHA=$(sha256sum /tmp/blob | cut -d' ' -f1)");
+    assert_eq!(now, sha, "file content changed across snapshot/restore");
+    wait_for_socket(&sock, &guest);
+    (guest, sock)
+}
+
+fn poweroff(mut guest: Guest) {
+    guest.send_line("poweroff -f");
+    let (status, output) = guest.wait_exit(EXIT_TIMEOUT);
+    assert!(status.success(), "exit status {status} after poweroff; output:\n{output}");
+    assert!(!output.contains("stasis: error"), "{output}");
+}
+
+#[test]
+fn lazy_restore_resumes_the_same_guest() {
+    if run_in_kvm_host("lazy_restore_resumes_the_same_guest") {
+        return;
+    }
+    let dir = scratch();
+    let snap = dir.path().join("snap");
+    let (sha, tick) = prepare_snapshot(dir.path(), &snap, &[]);
+    let (guest, _) = restore_and_check(dir.path(), &snap, &[], &sha, tick, "r1");
+    poweroff(guest);
+}
+
+#[test]
+fn restored_guest_can_be_snapshotted_and_restored_again() {
+    if run_in_kvm_host("restored_guest_can_be_snapshotted_and_restored_again") {
+        return;
+    }
+    let dir = scratch();
+    let snap1 = dir.path().join("snap1");
+    let snap2 = dir.path().join("snap2");
+    let (sha, tick) = prepare_snapshot(dir.path(), &snap1, &[]);
+    let (guest, sock) = restore_and_check(dir.path(), &snap1, &[], &sha, tick, "r1");
+    snapshot(&sock, &snap2, "exit");
+    let (status, output) = guest.wait_exit(EXIT_TIMEOUT);
+    assert!(status.success(), "{status}\n{output}");
+    let tick2 = last_tick(&output).expect("ticks");
+    let (guest, _) = restore_and_check(dir.path(), &snap2, &[], &sha, tick2, "r2");
+    poweroff(guest);
+}
+
+#[test]
+fn eager_restore_resumes_the_same_guest() {
+    if run_in_kvm_host("eager_restore_resumes_the_same_guest") {
+        return;
+    }
+    let dir = scratch();
+    let snap = dir.path().join("snap");
+    let (sha, tick) = prepare_snapshot(dir.path(), &snap, &[]);
+    let (guest, _) = restore_and_check(dir.path(), &snap, &["--memory", "eager"], &sha, tick, "r1");
+    poweroff(guest);
+}
+
+#[test]
+fn two_vcpu_guest_restores() {
+    if run_in_kvm_host("two_vcpu_guest_restores") {
+        return;
+    }
+    let dir = scratch();
+    let snap = dir.path().join("snap");
+    let (sha, tick) = prepare_snapshot(dir.path(), &snap, &["--vcpus", "2"]);
+    let (mut guest, _) = restore_and_check(dir.path(), &snap, &[], &sha, tick, "r1");
+    let cpus = guest.query("CPUS", "echo CPUS=$(grep -c ^processor /proc/cpuinfo)");
+    assert_eq!(cpus, "2");
+    poweroff(guest);
+}
