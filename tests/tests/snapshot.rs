@@ -168,3 +168,43 @@ fn two_vcpu_guest_restores() {
     assert_eq!(cpus, "2");
     poweroff(guest);
 }
+
+/// `stasis CMD --api-sock SOCK`; returns its stdout (the JSON reply).
+fn control(cmd: &str, sock: &Path) -> String {
+    let output = Command::new(stasis_bin()).arg(cmd).arg("--api-sock").arg(sock).output().expect("stasis runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "stasis {cmd}: {}", String::from_utf8_lossy(&output.stderr));
+    stdout
+}
+
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it() {
+    if run_in_kvm_host("pause_stops_the_guest_and_resume_continues_it") {
+        return;
+    }
+    let dir = scratch();
+    let sock = api_sock(dir.path(), "vm");
+    let mut args = boot_args("vmlinux", &[]);
+    args.extend(["--api-sock".to_string(), sock.to_str().expect("utf-8").to_string()]);
+    let mut guest = Guest::spawn(&args);
+    guest.wait_ready();
+    wait_for_socket(&sock, &guest);
+    guest.send_line("(i=0; while true; do i=$((i+1)); echo TICK=$i; sleep 0.5; done) &");
+    guest.wait_until("TICK=3", COMMAND_TIMEOUT, |t| last_tick(t).is_some_and(|n| n >= 3));
+
+    let reply = control("pause", &sock);
+    assert!(reply.contains("\"state\":\"paused\""), "{reply}");
+    assert!(control("status", &sock).contains("\"state\":\"paused\""));
+    // Let whatever was in flight arrive, then check nothing more comes.
+    std::thread::sleep(Duration::from_secs(2));
+    let frozen = last_tick(&guest.output()).expect("ticks");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(last_tick(&guest.output()), Some(frozen), "the guest ran while paused");
+
+    let reply = control("resume", &sock);
+    assert!(reply.contains("\"state\":\"running\""), "{reply}");
+    guest.wait_until("ticks after resume", COMMAND_TIMEOUT, |t| last_tick(t).is_some_and(|n| n >= frozen + 3));
+    let all = ticks(&guest.output());
+    assert!(all.windows(2).all(|w| w[1] == w[0] + 1), "counter not consecutive across pause: {all:?}");
+    poweroff(guest);
+}

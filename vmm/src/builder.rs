@@ -2,7 +2,7 @@
 //! [`build_microvm_for_boot`] and [`build_microvm_from_snapshot`], both
 //! ending in a [`Vmm`] whose [`Vmm::run`] serves the VM until it ends.
 
-use std::io::{IsTerminal, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -221,6 +221,8 @@ pub struct Vmm {
     paused: bool,
     restore_started: Option<(Instant, &'static str)>,
     restore_report: Option<RestoreReport>,
+    /// Told (bytes done, bytes total) while a snapshot writes memory.
+    snapshot_progress: Box<dyn FnMut(u64, u64) + Send>,
 }
 
 /// Builds a microVM from `config` with the kernel loaded and every vCPU at
@@ -295,6 +297,7 @@ pub fn build_microvm_for_boot(config: &VmConfig) -> Result<Vmm, BuildError> {
         paused: false,
         restore_started: None,
         restore_report: None,
+        snapshot_progress: Box::new(|_, _| {}),
     })
 }
 
@@ -373,6 +376,7 @@ pub fn build_microvm_from_snapshot(
         paused: false,
         restore_started: Some((process_start, mode_name)),
         restore_report: None,
+        snapshot_progress: Box::new(|_, _| {}),
     })
 }
 
@@ -447,10 +451,10 @@ fn spawn_stdin_reader(serial: Arc<Mutex<Console>>) -> Result<(), BuildError> {
 }
 
 impl Vmm {
-    /// The channel on which events reach [`Vmm::run`]; the control API
-    /// posts its requests here.
-    pub fn events(&self) -> Sender<VmEvent> {
-        self.events_tx.clone()
+    /// Sets what is told of a snapshot's progress (bytes written, total),
+    /// e.g. a progress bar.
+    pub fn set_snapshot_progress(&mut self, progress: Box<dyn FnMut(u64, u64) + Send>) {
+        self.snapshot_progress = progress;
     }
 
     /// Starts the vCPUs with the console on this process's stdin and
@@ -543,8 +547,9 @@ impl Vmm {
             ApiRequest::Status => {}
             ApiRequest::Snapshot { out, then } => {
                 let was_paused = self.paused;
-                let mut bar = progress_bar();
-                let report = self.snapshot(&out, &mut bar);
+                let mut progress = std::mem::replace(&mut self.snapshot_progress, Box::new(|_, _| {}));
+                let report = self.snapshot(&out, &mut *progress);
+                self.snapshot_progress = progress;
                 if then == AfterSnapshot::Resume || report.is_err() {
                     // A failed snapshot must not leave a running guest stopped.
                     if !was_paused {
@@ -642,25 +647,3 @@ impl Vmm {
         Ok(SnapshotReport { dir, memory, state_bytes, paused_for: paused_at.elapsed() })
     }
 }
-
-/// Draws a progress bar on stderr when it is a terminal.
-pub fn progress_bar() -> impl FnMut(u64, u64) {
-    let tty = std::io::stderr().is_terminal();
-    let mut last = u64::MAX;
-    move |done, total| {
-        if !tty || total == 0 {
-            return;
-        }
-        let pct = done * 100 / total;
-        if pct != last {
-            last = pct;
-            let filled = (pct / 4) as usize;
-            eprint!("\r\x1b[Ksnapshot [{}{}] {pct:3}%", "#".repeat(filled), "-".repeat(25 - filled));
-            if done >= total {
-                eprint!("\r\n");
-            }
-        }
-    }
-}
-
-

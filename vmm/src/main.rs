@@ -1,5 +1,6 @@
 //! The `stasis` command line.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -139,11 +140,34 @@ fn exit_for(exit: GuestExit) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// A progress bar on stderr for snapshots, when stderr is a terminal.
+fn progress_bar() -> Box<dyn FnMut(u64, u64) + Send> {
+    if !std::io::stderr().is_terminal() {
+        return Box::new(|_, _| {});
+    }
+    let mut last = u64::MAX;
+    Box::new(move |done, total| {
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
+        if pct == last {
+            return;
+        }
+        last = pct;
+        let filled = (pct / 4) as usize;
+        // The terminal is in raw mode while the VM runs: return the
+        // carriage ourselves.
+        eprint!("\r\x1b[Ksnapshot [{}{}] {pct:3}%", "#".repeat(filled), "-".repeat(25 - filled));
+        if done >= total {
+            eprint!("\r\n");
+        }
+    })
+}
+
 fn boot(args: BootArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let memory = parse_size(&args.memory).map_err(CliError::Memory)?;
     let vcpus: u64 = args.vcpus.trim().parse().map_err(|_| CliError::Vcpus(args.vcpus.clone()))?;
     let config = VmConfig::new(args.kernel, args.initrd, args.cmdline, memory, vcpus)?;
-    let vmm = builder::build_microvm_for_boot(&config)?;
+    let mut vmm = builder::build_microvm_for_boot(&config)?;
+    vmm.set_snapshot_progress(progress_bar());
     let (result, _) = vmm.run(args.api_sock.as_deref());
     Ok(exit_for(result?))
 }
@@ -177,7 +201,8 @@ fn restore(args: RestoreArgs, start: Instant) -> Result<ExitCode, Box<dyn std::e
         MemoryArg::Lazy => MemoryMode::Lazy { prefetch: matches!(args.prefetch, OnOff::On) },
         MemoryArg::Eager => MemoryMode::Eager,
     };
-    let vmm = builder::build_microvm_from_snapshot(&args.dir, memory, start)?;
+    let mut vmm = builder::build_microvm_from_snapshot(&args.dir, memory, start)?;
+    vmm.set_snapshot_progress(progress_bar());
     let (result, report) = vmm.run(args.api_sock.as_deref());
     print_restore_report(report, args.json);
     Ok(exit_for(result?))

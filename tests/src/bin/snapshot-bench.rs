@@ -1,0 +1,975 @@
+//! Snapshot and restore benchmark: stasis next to QEMU, measured in one
+//! run on one machine, so the figures compare. Run it where KVM is real:
+//! directly on a hardware-KVM host, or inside the test host
+//! (`scripts/bench-snapshot` does that, carrying QEMU in).
+//!
+//! Every figure is measured in the run that prints it; a measurement that
+//! fails prints `error="…"` in place of its figures, and the program then
+//! exits 1. Progress notes go to stderr; stdout holds only the table, one
+//! measurement a line, `KEY=VALUE` fields (`-` where a field does not
+//! apply):
+//!
+//! ```text
+//! machine kernel=6.1.0-28-cloud-amd64 cpu="…" cpus=2 mem_mib=5120 kvm=kvm_amd testhost=yes quick=no
+//! restore mem=1024MiB mode=lazy latency_ms=… first_answer_ms=… resident_ms=… faults=… blocks_on_fault=… blocks_prefetched=… snapshot_s=… snapshot_paused_ms=… snapshot_bytes=…
+//! restore mem=1024MiB mode=eager latency_ms=… first_answer_ms=… resident_ms=- faults=- …
+//! read512 mode=resident seconds=… host_seconds=… faults=- blocks_on_fault=- blocks_prefetched=-
+//! read512 mode=lazy-64k seconds=… host_seconds=… faults=… …
+//! repack block=4KiB unpack_s=… pack_s=… bytes=… regions=same
+//! read512 mode=lazy-4k seconds=… …
+//! read512 mode=lazy-prefetch seconds=… …
+//! qemu mem=1024MiB boot_s=… save_s=… migrate_ms=… file_bytes=… incoming_s=… restore_to_answer_s=…
+//! ```
+//!
+//! What each figure is:
+//!
+//! - `restore`: a guest booted with `--memory SIZE` writes 64 MiB of
+//!   random data to its tmpfs, then `stasis snapshot --then exit`
+//!   (`snapshot_s`: the client's wall time; `snapshot_paused_ms`: the VMM's
+//!   own pause; `snapshot_bytes`: the snapshot directory's files). Each
+//!   restore runs `stasis restore DIR --memory MODE --json`: `latency_ms` is
+//!   the VMM's restore_latency_ms (process start to vCPUs running);
+//!   `first_answer_ms` is measured here, from spawning the process to the
+//!   guest's answer to `echo PONG=$((1+1))`, typed at once; `resident_ms`,
+//!   `faults`, `blocks_*` are the lazy loader's figures (resident_ms counts
+//!   from the fault handler's start, which is just before the vCPUs run;
+//!   lazy restores wait until memory is fully resident before power-off).
+//! - `read512`: a guest with 1536 MiB holds a 512 MiB file of random data
+//!   in tmpfs and reads it with `dd bs=1M of=/dev/null` (dd copies every
+//!   byte to user space; busybox `cat` may use sendfile, which moves page
+//!   references and need not touch the data). `seconds` is measured in the
+//!   guest with `date +%s%N` around dd; `host_seconds` from typing the
+//!   command to its answer. Modes: `resident` before the snapshot;
+//!   `lazy-64k` after `restore --prefetch off` (every block loaded on
+//!   fault, 64 KiB memory blocks, the snapshot as written); `lazy-4k` the
+//!   same from a copy whose memory checkpoint was re-packed with 4 KiB
+//!   blocks (one page per fault, the baseline Firecracker's example
+//!   handler represents); `lazy-prefetch` the 64 KiB snapshot with
+//!   prefetch on, the read typed as soon as the console answers.
+//! - `qemu`: Debian's qemu-system-x86_64 with KVM, the same kernel,
+//!   initramfs, memory size, one vCPU and the same 64 MiB workload. Saved
+//!   with QMP (the monitor's machine protocol): `migrate-set-parameters
+//!   max-bandwidth` 100 GiB/s, `stop`, `migrate exec:cat > FILE`, then
+//!   `query-migrate` until completed (`save_s`: from `stop` to completed;
+//!   `migrate_ms`: QEMU's own total-time). Restored with
+//!   `-incoming "exec:cat FILE"` and, once the incoming migration is done,
+//!   `cont` (`incoming_s`: process start to migration done;
+//!   `restore_to_answer_s`: process start to the answer to the same typed
+//!   command, typed after `cont`, since bytes reaching the serial port
+//!   before the incoming state loads would be overwritten by it).
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use stasis_e2e::{Guest, READY};
+
+/// The guest's default command line, as stasis boots it.
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+/// Sizes for the restore-latency table, MiB.
+const SIZES_FULL: &[u64] = &[256, 1024, 2048];
+const SIZES_QUICK: &[u64] = &[256];
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const WORK_TIMEOUT: Duration = Duration::from_secs(300);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+const RESIDENT_TIMEOUT: Duration = Duration::from_secs(600);
+const BIG_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// The command typed to see whether the console answers; prints `PONG=2`.
+const PING: &str = "echo PONG=$((1+1))";
+
+type Res<T> = Result<T, String>;
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: snapshot-bench [--quick] [--sizes MiB,MiB,...] [--only restore,read512,qemu]\n\
+         \x20                     [--read-mib N] [--read-guest-mib N] [--stasis PATH] [--images DIR]\n\
+         \x20                     [--qemu PATH] [--qemu-cpu MODEL] [--work DIR] [--keep]\n\
+         Runs where KVM is real; scripts/bench-snapshot runs it inside the test host."
+    );
+    std::process::exit(2);
+}
+
+struct Opts {
+    quick: bool,
+    sizes: Vec<u64>,
+    restore: bool,
+    read: bool,
+    qemu: bool,
+    read_mib: u64,
+    read_guest_mib: u64,
+    stasis: PathBuf,
+    images: PathBuf,
+    qemu_bin: PathBuf,
+    qemu_cpu: String,
+    work: PathBuf,
+    keep: bool,
+}
+
+impl Opts {
+    fn parse() -> Opts {
+        let root = stasis_e2e::repo_root();
+        let mut o = Opts {
+            quick: false,
+            sizes: Vec::new(),
+            restore: true,
+            read: true,
+            qemu: true,
+            read_mib: 512,
+            read_guest_mib: 1536,
+            stasis: root.join("target/release/stasis"),
+            images: root.join("guest-images/out"),
+            qemu_bin: PathBuf::from("qemu-system-x86_64"),
+            qemu_cpu: "host".to_string(),
+            work: std::env::temp_dir().join(format!("snapshot-bench.{}", std::process::id())),
+            keep: false,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            let mut value = || args.next().unwrap_or_else(|| usage());
+            match arg.as_str() {
+                "--quick" => o.quick = true,
+                "--sizes" => {
+                    o.sizes = value().split(',').map(|s| s.trim().parse().unwrap_or_else(|_| usage())).collect()
+                }
+                "--only" => {
+                    let only = value();
+                    let parts: Vec<&str> = only.split(',').map(str::trim).collect();
+                    if parts.iter().any(|p| !["restore", "read512", "qemu"].contains(p)) {
+                        usage();
+                    }
+                    o.restore = parts.contains(&"restore");
+                    o.read = parts.contains(&"read512");
+                    o.qemu = parts.contains(&"qemu");
+                }
+                "--read-mib" => o.read_mib = value().parse().unwrap_or_else(|_| usage()),
+                "--read-guest-mib" => o.read_guest_mib = value().parse().unwrap_or_else(|_| usage()),
+                "--stasis" => o.stasis = PathBuf::from(value()),
+                "--images" => o.images = PathBuf::from(value()),
+                "--qemu" => o.qemu_bin = PathBuf::from(value()),
+                "--qemu-cpu" => o.qemu_cpu = value(),
+                "--work" => o.work = PathBuf::from(value()),
+                "--keep" => o.keep = true,
+                _ => usage(),
+            }
+        }
+        if o.sizes.is_empty() {
+            o.sizes = if o.quick { SIZES_QUICK } else { SIZES_FULL }.to_vec();
+        }
+        o
+    }
+
+    fn kernel(&self) -> PathBuf {
+        self.images.join("vmlinux")
+    }
+
+    fn initrd(&self) -> PathBuf {
+        self.images.join("initramfs.cpio.gz")
+    }
+}
+
+// ---- Output ------------------------------------------------------------------
+
+static STARTED: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// A progress note on stderr, with the seconds since the start.
+fn note(text: &str) {
+    let started = *STARTED.lock().unwrap_or_else(|e| e.into_inner());
+    let t = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+    eprintln!("snapshot-bench: [{t:7.1}s] {text}");
+}
+
+/// `error="…"`: one line, no double quotes inside, bounded.
+fn error_field(reason: &str) -> String {
+    let mut text: String = reason.replace(['\n', '\r'], " ").replace('"', "'");
+    if text.len() > 300 {
+        let mut cut = 300;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    format!("error=\"{text}\"")
+}
+
+/// Prints `prefix` and the fields, or the error; returns whether it failed.
+fn emit(prefix: &str, result: &Res<String>) -> bool {
+    match result {
+        Ok(fields) => {
+            println!("{prefix} {fields}");
+            false
+        }
+        Err(e) => {
+            println!("{prefix} {}", error_field(e));
+            true
+        }
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64())
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or("-".to_string(), |v| v.to_string())
+}
+
+// ---- Panics from the test helpers become errors ------------------------------
+
+static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+
+fn install_panic_hook() {
+    panic::set_hook(Box::new(|info| {
+        let msg = if let Some(s) = info.payload().downcast_ref::<&str>() {
+            (*s).to_string()
+        } else if let Some(s) = info.payload().downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "panic".to_string()
+        };
+        // The whole message (it holds the console output so far) for
+        // whoever debugs; its first line becomes the error field.
+        let mut shown: String = msg.chars().take(4000).collect();
+        if shown.len() < msg.len() {
+            shown.push_str(" […]");
+        }
+        eprintln!("snapshot-bench: failed: {shown}");
+        *LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
+    }));
+}
+
+/// Runs `f`; a panic (the Guest helpers panic on timeouts) becomes an
+/// error naming its first line.
+fn guarded<T>(f: impl FnOnce() -> Res<T>) -> Res<T> {
+    match panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(_) => {
+            let msg = LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
+            Err(msg.and_then(|m| m.lines().next().map(str::to_string)).unwrap_or_else(|| "panic".into()))
+        }
+    }
+}
+
+// ---- Small helpers -------------------------------------------------------------
+
+/// The lines of `text` a newline has ended.
+fn complete_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.rfind('\n').map_or("", |end| &text[..end]).lines()
+}
+
+/// The value of `MARKER=value` in a complete line after byte `from`,
+/// skipping the echo of the typed command (which holds `$`).
+fn marker_value(text: &str, from: usize, marker: &str) -> Option<String> {
+    let prefix = format!("{marker}=");
+    complete_lines(text.get(from..).unwrap_or("")).find_map(|line| {
+        let start = line.find(&prefix)?;
+        let value = line[start + prefix.len()..].trim();
+        let value = value.split_whitespace().next()?;
+        (!line.contains('$')).then(|| value.to_string())
+    })
+}
+
+/// Types `command` (which must print `MARKER=value` and hold a `$`) and
+/// waits for the value.
+fn ask(guest: &mut Guest, command: &str, marker: &str, timeout: Duration) -> Res<String> {
+    let from = guest.output().len();
+    guest.send_line(command);
+    guest.wait_until(&format!("{marker}=… after {command:?}"), timeout, |t| marker_value(t, from, marker).is_some());
+    marker_value(&guest.output(), from, marker).ok_or_else(|| format!("no {marker}= line"))
+}
+
+/// A JSON field's raw value after `"key":` (a number, `null`, or a string
+/// without its quotes). Enough for the flat replies read here.
+fn json_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let needle = format!("\"{key}\"");
+    let at = text.find(&needle)? + needle.len();
+    let rest = text[at..].trim_start().strip_prefix(':')?.trim_start();
+    if let Some(s) = rest.strip_prefix('"') {
+        return s.find('"').map(|end| &s[..end]);
+    }
+    let end = rest.find([',', '}', ']']).unwrap_or(rest.len());
+    Some(rest[..end].trim())
+}
+
+fn json_num(text: &str, key: &str) -> Option<f64> {
+    json_field(text, key)?.parse().ok()
+}
+
+fn json_int(text: &str, key: &str) -> Option<u64> {
+    json_field(text, key)?.parse().ok()
+}
+
+/// Total size of the regular files in `dir`.
+fn dir_bytes(dir: &Path) -> Res<u64> {
+    let mut total = 0;
+    for entry in fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))? {
+        let meta = entry.and_then(|e| e.metadata()).map_err(|e| format!("cannot stat in {}: {e}", dir.display()))?;
+        if meta.is_file() {
+            total += meta.len();
+        }
+    }
+    Ok(total)
+}
+
+fn run_tool(cmd: &mut Command, timeout: Duration) -> Res<(Duration, String)> {
+    let what = format!("{cmd:?}");
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let t = Instant::now();
+    let child = cmd.spawn().map_err(|e| format!("cannot start {what}: {e}"))?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(timeout) {
+        Ok(out) => out.map_err(|e| format!("{what}: {e}"))?,
+        Err(_) => {
+            // It is our own child: end it by its id.
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            return Err(format!("{what} took longer than {timeout:?}"));
+        }
+    };
+    let elapsed = t.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("{what} failed ({}): {}", out.status, stderr.trim()));
+    }
+    Ok((elapsed, stdout))
+}
+
+fn wait_for_path(path: &Path, guest: &Guest, timeout: Duration) {
+    guest.wait_until(&format!("{}", path.display()), timeout, |_| path.exists());
+}
+
+fn poweroff(mut guest: Guest) -> Res<String> {
+    guest.send_line("poweroff -f");
+    let (status, output) = guest.wait_exit(EXIT_TIMEOUT);
+    if !status.success() {
+        let tail: String = output.chars().rev().take(400).collect::<Vec<_>>().into_iter().rev().collect();
+        return Err(format!("exit status {status} after poweroff: {tail}"));
+    }
+    Ok(output)
+}
+
+// ---- stasis --------------------------------------------------------------------
+
+fn boot_stasis(o: &Opts, mem_mib: u64, sock: &Path) -> Res<Guest> {
+    let _ = fs::remove_file(sock);
+    let mut cmd = Command::new(&o.stasis);
+    cmd.arg("boot")
+        .arg("--kernel")
+        .arg(o.kernel())
+        .arg("--initrd")
+        .arg(o.initrd())
+        .arg("--memory")
+        .arg(format!("{mem_mib}M"))
+        .arg("--api-sock")
+        .arg(sock);
+    let guest = Guest::spawn_command(cmd);
+    guest.expect(READY, BOOT_TIMEOUT);
+    wait_for_path(sock, &guest, ANSWER_TIMEOUT);
+    Ok(guest)
+}
+
+/// Fills `mib` MiB of /tmp/NAME with random data.
+fn fill(guest: &mut Guest, name: &str, mib: u64, timeout: Duration) -> Res<()> {
+    let cmd = format!("dd if=/dev/urandom of=/tmp/{name} bs=1M count={mib} 2>/dev/null; echo FILLED=$(stat -c %s /tmp/{name})");
+    let size = ask(guest, &cmd, "FILLED", timeout)?;
+    if size != (mib << 20).to_string() {
+        return Err(format!("/tmp/{name} has {size} bytes, expected {}", mib << 20));
+    }
+    Ok(())
+}
+
+struct Snap {
+    wall: Duration,
+    paused_ms: Option<f64>,
+    bytes: u64,
+}
+
+/// `stasis snapshot --then exit`, and the VM's clean exit.
+fn snapshot_exit(o: &Opts, guest: Guest, sock: &Path, out: &Path) -> Res<Snap> {
+    let (wall, reply) = run_tool(
+        Command::new(&o.stasis).arg("snapshot").arg("--api-sock").arg(sock).arg("--out").arg(out).args(["--then", "exit"]),
+        SNAPSHOT_TIMEOUT,
+    )?;
+    let (status, output) = guest.wait_exit(EXIT_TIMEOUT);
+    if !status.success() {
+        return Err(format!("the VM exited with {status} after the snapshot; last output: {}", last_chars(&output, 300)));
+    }
+    Ok(Snap { wall, paused_ms: json_num(&reply, "paused_ms"), bytes: dir_bytes(out)? })
+}
+
+fn last_chars(text: &str, n: usize) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    chars[chars.len().saturating_sub(n)..].iter().collect()
+}
+
+struct Restored {
+    guest: Guest,
+    first_answer: Duration,
+}
+
+fn restore_stasis(o: &Opts, dir: &Path, args: &[&str], sock: &Path) -> Res<Restored> {
+    let _ = fs::remove_file(sock);
+    let mut cmd = Command::new(&o.stasis);
+    cmd.arg("restore").arg(dir).args(args).arg("--json").arg("--api-sock").arg(sock);
+    let t0 = Instant::now();
+    let mut guest = Guest::spawn_command(cmd);
+    // Typed at once: the VMM queues console input until the guest reads it.
+    let from = guest.output().len();
+    guest.send_line(PING);
+    guest.wait_until("the console's answer after restore", ANSWER_TIMEOUT, |t| {
+        marker_value(t, from, "PONG").is_some()
+    });
+    let first_answer = t0.elapsed();
+    let pong = marker_value(&guest.output(), from, "PONG");
+    if pong.as_deref() != Some("2") {
+        return Err(format!("the restored console answered {pong:?}, expected PONG=2"));
+    }
+    Ok(Restored { guest, first_answer })
+}
+
+/// Polls `stasis status` until the loader reports full residency.
+fn wait_resident(o: &Opts, sock: &Path) -> Res<()> {
+    let deadline = Instant::now() + RESIDENT_TIMEOUT;
+    loop {
+        let (_, reply) = run_tool(Command::new(&o.stasis).arg("status").arg("--api-sock").arg(sock), ANSWER_TIMEOUT)?;
+        match json_field(&reply, "resident_after_ms") {
+            Some(v) if v != "null" => return Ok(()),
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("memory not fully resident after {RESIDENT_TIMEOUT:?}: {}", reply.trim()));
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The restore report (`--json`) from the process's output.
+struct Report {
+    latency_ms: f64,
+    faults: Option<u64>,
+    blocks_on_fault: Option<u64>,
+    blocks_prefetched: Option<u64>,
+    resident_ms: Option<u64>,
+}
+
+fn parse_report(output: &str) -> Res<Report> {
+    let start = output.find("{\"restore_latency_ms\"").ok_or("no restore report (--json) in the output")?;
+    let json = output[start..].lines().next().unwrap_or("");
+    let latency_ms = json_num(json, "restore_latency_ms").ok_or_else(|| format!("bad restore report: {json}"))?;
+    Ok(Report {
+        latency_ms,
+        faults: json_int(json, "faults"),
+        blocks_on_fault: json_int(json, "blocks_on_fault"),
+        blocks_prefetched: json_int(json, "blocks_prefetched"),
+        resident_ms: json_int(json, "resident_after_ms"),
+    })
+}
+
+fn loader_fields(r: &Report) -> String {
+    format!(
+        "faults={} blocks_on_fault={} blocks_prefetched={}",
+        opt(r.faults),
+        opt(r.blocks_on_fault),
+        opt(r.blocks_prefetched)
+    )
+}
+
+// ---- Part 1: restore latency vs memory size --------------------------------------
+
+fn bench_restore(o: &Opts, mem_mib: u64) -> bool {
+    let work = o.work.join(format!("restore-{mem_mib}"));
+    let snap_dir = work.join("snap");
+    let prep = guarded(|| {
+        fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+        let sock = work.join("boot.sock");
+        note(&format!("restore {mem_mib} MiB: booting"));
+        let mut guest = boot_stasis(o, mem_mib, &sock)?;
+        note("writing 64 MiB of random data to /tmp");
+        fill(&mut guest, "blob", 64, WORK_TIMEOUT)?;
+        note("snapshot --then exit");
+        snapshot_exit(o, guest, &sock, &snap_dir)
+    });
+    let mut failed = false;
+    for mode in ["lazy", "eager"] {
+        let prefix = format!("restore mem={mem_mib}MiB mode={mode}");
+        let result = match &prep {
+            Err(e) => Err(format!("preparing the snapshot: {e}")),
+            Ok(snap) => guarded(|| {
+                note(&format!("restore {mem_mib} MiB {mode}"));
+                let sock = work.join(format!("{mode}.sock"));
+                let r = restore_stasis(o, &snap_dir, &["--memory", mode], &sock)?;
+                if mode == "lazy" {
+                    wait_resident(o, &sock)?;
+                }
+                let output = poweroff(r.guest)?;
+                let rep = parse_report(&output)?;
+                Ok(format!(
+                    "latency_ms={:.1} first_answer_ms={} resident_ms={} {} snapshot_s={} snapshot_paused_ms={} snapshot_bytes={}",
+                    rep.latency_ms,
+                    ms(r.first_answer),
+                    opt(rep.resident_ms),
+                    loader_fields(&rep),
+                    secs(snap.wall),
+                    opt(snap.paused_ms.map(|v| format!("{v:.1}"))),
+                    snap.bytes
+                ))
+            }),
+        };
+        failed |= emit(&prefix, &result);
+    }
+    if !o.keep {
+        let _ = fs::remove_dir_all(&work);
+    }
+    failed
+}
+
+// ---- Part 2: reading a big tmpfs file ---------------------------------------------
+
+/// How the guest times a command.
+#[derive(Clone, Copy)]
+enum GuestClock {
+    /// busybox `date +%s%N`.
+    Nanos,
+    /// /proc/uptime, in centiseconds.
+    Uptime,
+}
+
+fn guest_clock(guest: &mut Guest) -> Res<GuestClock> {
+    let ns = ask(guest, "echo NS=$(date +%s%N)", "NS", ANSWER_TIMEOUT)?;
+    Ok(if ns.len() >= 16 && ns.bytes().all(|b| b.is_ascii_digit()) { GuestClock::Nanos } else { GuestClock::Uptime })
+}
+
+/// Reads /tmp/f to /dev/null in the guest: (guest-timed, host-timed).
+fn timed_read(guest: &mut Guest, clock: GuestClock, expect_bytes: u64) -> Res<(Duration, Duration)> {
+    let now = match clock {
+        GuestClock::Nanos => "$(date +%s%N)",
+        GuestClock::Uptime => "$(sed 's/ .*//; s/[.]//' /proc/uptime)",
+    };
+    let scale = match clock {
+        GuestClock::Nanos => 1,
+        GuestClock::Uptime => 10_000_000,
+    };
+    // dd reports its byte count on stderr; keep just that figure.
+    let cmd = format!(
+        "T0={now}; B=$(dd if=/tmp/f of=/dev/null bs=1M 2>&1 | sed -n 's/^\\([0-9]*\\) bytes.*/\\1/p'); T1={now}; echo READ=$(((T1-T0)*{scale}))ns,$B"
+    );
+    let t = Instant::now();
+    let answer = ask(guest, &cmd, "READ", BIG_TIMEOUT)?;
+    let host = t.elapsed();
+    let (ns, bytes) = answer.split_once("ns,").ok_or_else(|| format!("unexpected answer READ={answer}"))?;
+    let ns: u64 = ns.parse().map_err(|_| format!("unexpected answer READ={answer}"))?;
+    if !bytes.is_empty() && bytes != expect_bytes.to_string() {
+        return Err(format!("dd read {bytes} bytes, expected {expect_bytes}"));
+    }
+    Ok((Duration::from_nanos(ns), host))
+}
+
+fn read_fields(guest_t: Duration, host_t: Duration, clock: GuestClock, report: Option<&Report>) -> String {
+    let clock = match clock {
+        GuestClock::Nanos => "date-ns",
+        GuestClock::Uptime => "uptime-cs",
+    };
+    let loader = report.map_or("faults=- blocks_on_fault=- blocks_prefetched=-".to_string(), loader_fields);
+    format!("seconds={} host_seconds={} guest_clock={clock} {loader}", secs(guest_t), secs(host_t))
+}
+
+/// Restores `dir` lazily with `prefetch`, reads the file, powers off.
+fn lazy_read(o: &Opts, dir: &Path, prefetch: &str, sock: &Path) -> Res<String> {
+    let mut r = restore_stasis(o, dir, &["--memory", "lazy", "--prefetch", prefetch], sock)?;
+    let clock = guest_clock(&mut r.guest)?;
+    let (g, h) = timed_read(&mut r.guest, clock, o.read_mib << 20)?;
+    let output = poweroff(r.guest)?;
+    let report = parse_report(&output)?;
+    Ok(read_fields(g, h, clock, Some(&report)))
+}
+
+/// `stasis checkpoint inspect --json FILE`, for its regions.
+fn regions(o: &Opts, file: &Path) -> Res<String> {
+    let (_, json) = run_tool(Command::new(&o.stasis).args(["checkpoint", "inspect", "--json"]).arg(file), ANSWER_TIMEOUT)?;
+    let at = json.find("\"regions\"").ok_or_else(|| format!("no regions in: {json}"))?;
+    let end = json[at..].find(']').ok_or("unterminated regions")?;
+    Ok(json[at..at + end + 1].to_string())
+}
+
+/// A copy of `snap` whose memory checkpoint is re-packed with 4 KiB
+/// blocks; returns the repack line's fields.
+fn repack_4k(o: &Opts, snap: &Path, out: &Path, raw: &Path) -> Res<String> {
+    fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    for entry in fs::read_dir(snap).map_err(|e| format!("cannot list {}: {e}", snap.display()))? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        if entry.file_name() != "memory.ckpt" {
+            fs::copy(entry.path(), out.join(entry.file_name())).map_err(|e| format!("cannot copy {:?}: {e}", entry.path()))?;
+        }
+    }
+    let ckpt = snap.join("memory.ckpt");
+    let new = out.join("memory.ckpt");
+    let (unpack, _) = run_tool(
+        Command::new(&o.stasis).args(["checkpoint", "unpack"]).arg(&ckpt).arg("--out").arg(raw),
+        BIG_TIMEOUT,
+    )?;
+    let (pack, _) = run_tool(
+        Command::new(&o.stasis).args(["checkpoint", "pack"]).arg(raw).arg("--out").arg(&new).args(["--block-size", "4K"]),
+        BIG_TIMEOUT,
+    )?;
+    let _ = fs::remove_file(raw);
+    let (before, after) = (regions(o, &ckpt)?, regions(o, &new)?);
+    if before != after {
+        return Err(format!("re-packed regions differ: {before} vs {after}"));
+    }
+    let bytes = fs::metadata(&new).map_err(|e| e.to_string())?.len();
+    Ok(format!("unpack_s={} pack_s={} bytes={bytes} regions=same", secs(unpack), secs(pack)))
+}
+
+fn bench_read(o: &Opts) -> bool {
+    let work = o.work.join("read");
+    let snap = work.join("snap");
+    let snap4k = work.join("snap-4k");
+    let mut failed = false;
+    let name = format!("read{}", o.read_mib);
+    let prep = guarded(|| {
+        fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+        let sock = work.join("boot.sock");
+        note(&format!("{name}: booting a {} MiB guest", o.read_guest_mib));
+        let mut guest = boot_stasis(o, o.read_guest_mib, &sock)?;
+        note(&format!("writing {} MiB of random data to /tmp/f", o.read_mib));
+        let t = Instant::now();
+        fill(&mut guest, "f", o.read_mib, BIG_TIMEOUT)?;
+        note(&format!("written in {:.1} s; reading it, fully resident", t.elapsed().as_secs_f64()));
+        let clock = guest_clock(&mut guest)?;
+        let (g, h) = timed_read(&mut guest, clock, o.read_mib << 20)?;
+        let resident = read_fields(g, h, clock, None);
+        note("snapshot --then exit");
+        let s = snapshot_exit(o, guest, &sock, &snap)?;
+        note(&format!("snapshot: {:.1} s, {} bytes", s.wall.as_secs_f64(), s.bytes));
+        Ok(resident)
+    });
+    failed |= emit(&format!("{name} mode=resident"), &prep);
+    let ready = prep.is_ok();
+    let skipped = || Err::<String, _>("the snapshot could not be prepared".to_string());
+
+    let r = if ready {
+        guarded(|| {
+            note("lazy restore, 64 KiB blocks, prefetch off");
+            lazy_read(o, &snap, "off", &work.join("lazy64.sock"))
+        })
+    } else {
+        skipped()
+    };
+    failed |= emit(&format!("{name} mode=lazy-64k"), &r);
+
+    let repack = if ready {
+        guarded(|| {
+            note("re-packing the memory checkpoint with 4 KiB blocks");
+            repack_4k(o, &snap, &snap4k, &work.join("memory.raw"))
+        })
+    } else {
+        skipped()
+    };
+    failed |= emit("repack block=4KiB", &repack);
+
+    let r = if repack.is_ok() {
+        guarded(|| {
+            note("lazy restore, 4 KiB blocks, prefetch off");
+            lazy_read(o, &snap4k, "off", &work.join("lazy4k.sock"))
+        })
+    } else {
+        Err("no 4 KiB checkpoint".to_string())
+    };
+    failed |= emit(&format!("{name} mode=lazy-4k"), &r);
+    let _ = fs::remove_dir_all(&snap4k);
+
+    let r = if ready {
+        guarded(|| {
+            note("lazy restore, 64 KiB blocks, prefetch on");
+            lazy_read(o, &snap, "on", &work.join("lazyp.sock"))
+        })
+    } else {
+        skipped()
+    };
+    failed |= emit(&format!("{name} mode=lazy-prefetch"), &r);
+    if !o.keep {
+        let _ = fs::remove_dir_all(&work);
+    }
+    failed
+}
+
+// ---- Part 3: QEMU -------------------------------------------------------------------
+
+/// A minimal QMP client: one command a line, replies skipping events.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path, guest: &Guest, timeout: Duration) -> Res<Qmp> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => return Err(format!("cannot connect to QMP at {}: {e}", path.display())),
+                Err(_) => {
+                    // Fails (and panics with QEMU's output) if QEMU has ended.
+                    guest.wait_until("QEMU's QMP socket", Duration::from_millis(20), |t| t.contains("qemu-system"));
+                }
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
+        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut qmp = Qmp { reader: BufReader::new(stream), writer };
+        let greeting = qmp.line()?;
+        if !greeting.contains("\"QMP\"") {
+            return Err(format!("unexpected QMP greeting: {greeting}"));
+        }
+        qmp.execute(r#"{"execute":"qmp_capabilities"}"#)?;
+        Ok(qmp)
+    }
+
+    fn line(&mut self) -> Res<String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err("QMP connection closed".into()),
+            Ok(_) => Ok(line),
+            Err(e) => Err(format!("reading QMP: {e}")),
+        }
+    }
+
+    /// Sends one command; returns its `return` line or its error.
+    fn execute(&mut self, command: &str) -> Res<String> {
+        self.writer
+            .write_all(format!("{command}\n").as_bytes())
+            .map_err(|e| format!("writing QMP: {e}"))?;
+        loop {
+            let line = self.line()?;
+            if line.contains("\"event\"") {
+                continue;
+            }
+            if line.contains("\"error\"") {
+                return Err(format!("QMP {command} failed: {}", line.trim()));
+            }
+            if line.contains("\"return\"") {
+                return Ok(line);
+            }
+        }
+    }
+}
+
+fn qemu_command(o: &Opts, mem_mib: u64, qmp: &Path) -> Command {
+    let mut cmd = Command::new(&o.qemu_bin);
+    cmd.args(["-nodefaults", "-no-user-config", "-enable-kvm", "-cpu", &o.qemu_cpu, "-smp", "1"])
+        .arg("-m")
+        .arg(format!("{mem_mib}M"))
+        .args(["-nic", "none", "-display", "none", "-no-reboot", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(o.kernel())
+        .arg("-initrd")
+        .arg(o.initrd())
+        .args(["-append", CMDLINE])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    cmd
+}
+
+/// Why QEMU cannot run here, if it cannot.
+fn qemu_unavailable(o: &Opts) -> Option<String> {
+    let out = Command::new(&o.qemu_bin).arg("--version").stdin(Stdio::null()).output();
+    match out {
+        Err(e) => Some(format!("cannot run {}: {e}", o.qemu_bin.display())),
+        Ok(out) if !out.status.success() => Some(format!(
+            "{} --version failed: {}",
+            o.qemu_bin.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Ok(out) => {
+            note(&format!("{}", String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").trim()));
+            None
+        }
+    }
+}
+
+fn bench_qemu(o: &Opts, mem_mib: u64) -> Res<String> {
+    let work = o.work.join(format!("qemu-{mem_mib}"));
+    fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    let file = work.join("vm.migration");
+    let result = guarded(|| {
+        // Boot and dirty 64 MiB, as for stasis.
+        let qmp_path = work.join("qmp.sock");
+        let _ = fs::remove_file(&qmp_path);
+        note(&format!("qemu {mem_mib} MiB: booting"));
+        let t = Instant::now();
+        let mut guest = Guest::spawn_command(qemu_command(o, mem_mib, &qmp_path));
+        guest.expect(READY, BOOT_TIMEOUT);
+        let boot = t.elapsed();
+        let mut qmp = Qmp::connect(&qmp_path, &guest, ANSWER_TIMEOUT)?;
+        note("writing 64 MiB of random data to /tmp");
+        fill(&mut guest, "blob", 64, WORK_TIMEOUT)?;
+
+        note("stop + migrate to a file");
+        qmp.execute(r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":107374182400}}"#)?;
+        let t = Instant::now();
+        qmp.execute(r#"{"execute":"stop"}"#)?;
+        let uri = format!("exec:cat > {}", file.display());
+        qmp.execute(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"{uri}"}}}}"#))?;
+        let deadline = t + SNAPSHOT_TIMEOUT;
+        let done = loop {
+            let reply = qmp.execute(r#"{"execute":"query-migrate"}"#)?;
+            match json_field(&reply, "status") {
+                Some("completed") => break reply,
+                Some("failed") | Some("cancelled") => return Err(format!("migration failed: {}", reply.trim())),
+                _ if Instant::now() >= deadline => return Err(format!("migration not done after {SNAPSHOT_TIMEOUT:?}")),
+                _ => thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let save = t.elapsed();
+        let migrate_ms = json_int(&done, "total-time");
+        // quit: the reply may not arrive before QEMU closes the socket.
+        let _ = qmp.execute(r#"{"execute":"quit"}"#);
+        drop(qmp);
+        let (status, output) = guest.wait_exit(EXIT_TIMEOUT);
+        if !status.success() {
+            return Err(format!("QEMU exited with {status} after quit: {}", last_chars(&output, 300)));
+        }
+        let file_bytes = fs::metadata(&file).map_err(|e| format!("no migration file: {e}"))?.len();
+
+        note("restore: -incoming exec:cat, then cont");
+        let qmp_path = work.join("qmp-in.sock");
+        let _ = fs::remove_file(&qmp_path);
+        let mut cmd = qemu_command(o, mem_mib, &qmp_path);
+        cmd.arg("-incoming").arg(format!("exec:cat {}", file.display()));
+        let t0 = Instant::now();
+        let mut guest = Guest::spawn_command(cmd);
+        let mut qmp = Qmp::connect(&qmp_path, &guest, ANSWER_TIMEOUT)?;
+        let deadline = t0 + SNAPSHOT_TIMEOUT;
+        loop {
+            let reply = qmp.execute(r#"{"execute":"query-status"}"#)?;
+            match json_field(&reply, "status") {
+                Some("inmigrate") if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                Some("paused") | Some("running") | Some("postmigrate") => break,
+                _ => return Err(format!("incoming migration: {}", reply.trim())),
+            }
+        }
+        let incoming = t0.elapsed();
+        qmp.execute(r#"{"execute":"cont"}"#)?;
+        let from = guest.output().len();
+        guest.send_line(PING);
+        guest.wait_until("the console's answer after restore", ANSWER_TIMEOUT, |t| {
+            marker_value(t, from, "PONG").is_some()
+        });
+        let answer = t0.elapsed();
+        drop(qmp);
+        poweroff(guest)?;
+        Ok(format!(
+            "boot_s={} save_s={} migrate_ms={} file_bytes={file_bytes} incoming_s={} restore_to_answer_s={}",
+            secs(boot),
+            secs(save),
+            opt(migrate_ms),
+            secs(incoming),
+            secs(answer)
+        ))
+    });
+    if !o.keep {
+        let _ = fs::remove_dir_all(&work);
+    }
+    result
+}
+
+// ---- The machine -----------------------------------------------------------------------
+
+fn machine_line(o: &Opts) -> String {
+    let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
+    let kernel = read("/proc/sys/kernel/osrelease").trim().to_string();
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().replace('"', "'")))
+        .unwrap_or_else(|| "unknown".into());
+    let cpus = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
+    let mem_mib = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+        .map_or("-".to_string(), |kb| (kb / 1024).to_string());
+    let kvm = ["kvm_amd", "kvm_intel"]
+        .into_iter()
+        .find(|m| Path::new("/sys/module").join(m).exists())
+        .unwrap_or("none");
+    // scripts/testhost's L1 init reads its settings from this file.
+    let testhost = if Path::new("/testhost/run.conf").exists() { "yes" } else { "no" };
+    format!(
+        "machine kernel={kernel} cpu=\"{cpu}\" cpus={cpus} mem_mib={mem_mib} kvm={kvm} testhost={testhost} quick={}",
+        if o.quick { "yes" } else { "no" }
+    )
+}
+
+fn main() {
+    let o = Opts::parse();
+    *STARTED.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    install_panic_hook();
+    println!("{}", machine_line(&o));
+
+    let hw_kvm = ["kvm_amd", "kvm_intel"].iter().any(|m| Path::new("/sys/module").join(m).exists());
+    if !hw_kvm || !Path::new("/dev/kvm").exists() {
+        eprintln!(
+            "snapshot-bench: error: this host's KVM is not hardware-backed (no kvm_amd or kvm_intel); \
+             run scripts/bench-snapshot, which runs this inside scripts/testhost"
+        );
+        std::process::exit(2);
+    }
+    for (what, path) in [("stasis", o.stasis.clone()), ("kernel", o.kernel()), ("initramfs", o.initrd())] {
+        if !path.is_file() {
+            eprintln!("snapshot-bench: error: {what} {} is missing (cargo build --release -p stasis; guest-images/build)", path.display());
+            std::process::exit(2);
+        }
+    }
+    if let Err(e) = fs::create_dir_all(&o.work) {
+        eprintln!("snapshot-bench: error: cannot create {}: {e}", o.work.display());
+        std::process::exit(2);
+    }
+
+    let mut failed = false;
+    if o.restore {
+        for &mem in &o.sizes {
+            failed |= bench_restore(&o, mem);
+        }
+    }
+    if o.read {
+        failed |= bench_read(&o);
+    }
+    if o.qemu {
+        match qemu_unavailable(&o) {
+            Some(reason) => {
+                println!("qemu: unavailable: {}", reason.replace('\n', " "));
+                failed = true;
+            }
+            None => {
+                for &mem in &o.sizes {
+                    failed |= emit(&format!("qemu mem={mem}MiB"), &bench_qemu(&o, mem));
+                }
+            }
+        }
+    }
+    if !o.keep {
+        let _ = fs::remove_dir_all(&o.work);
+    }
+    note(if failed { "done, with failures" } else { "done" });
+    if failed {
+        std::process::exit(1);
+    }
+}
