@@ -37,6 +37,7 @@ fn assert_restore_refused(dir: &Path, needle: &str) {
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "want one error line, got:\n{stderr}");
     assert!(lines[0].starts_with("stasis: error: ") && lines[0].contains(needle), "{needle:?} not in {stderr}");
+    eprintln!("refused as expected: {}", lines[0]);
 }
 
 #[test]
@@ -140,4 +141,5 @@ fn damaged_snapshots_are_refused() {
     // Storage block 0 starts with the first memory block that is not all
     // zero; the message names it and where it failed.
     assert!(line.contains("cannot load memory block "), "error does not name the block: {line}");
+    eprintln!("stopped as expected: {line}");
 }

@@ -352,8 +352,15 @@ fn run_tool(cmd: &mut Command, timeout: Duration) -> Res<(Duration, String)> {
     Ok((elapsed, stdout))
 }
 
-fn wait_for_path(path: &Path, guest: &Guest, timeout: Duration) {
-    guest.wait_until(&format!("{}", path.display()), timeout, |_| path.exists());
+fn wait_for_path(path: &Path, timeout: Duration) -> Res<()> {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if Instant::now() >= deadline {
+            return Err(format!("{} did not appear within {timeout:?}", path.display()));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 fn poweroff(mut guest: Guest) -> Res<String> {
@@ -382,7 +389,7 @@ fn boot_stasis(o: &Opts, mem_mib: u64, sock: &Path) -> Res<Guest> {
         .arg(sock);
     let guest = Guest::spawn_command(cmd);
     guest.expect(READY, BOOT_TIMEOUT);
-    wait_for_path(sock, &guest, ANSWER_TIMEOUT);
+    wait_for_path(sock, ANSWER_TIMEOUT)?;
     Ok(guest)
 }
 
@@ -725,11 +732,14 @@ impl Qmp {
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => return Err(format!("cannot connect to QMP at {}: {e}", path.display())),
-                Err(_) => {
-                    // Fails (and panics with QEMU's output) if QEMU has ended.
-                    guest.wait_until("QEMU's QMP socket", Duration::from_millis(20), |t| t.contains("qemu-system"));
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!(
+                        "cannot connect to QMP at {}: {e}; QEMU's output: {}",
+                        path.display(),
+                        last_chars(&guest.output(), 300)
+                    ))
                 }
+                Err(_) => thread::sleep(Duration::from_millis(20)),
             }
         };
         stream.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
