@@ -49,7 +49,7 @@ fn wait_for_socket(sock: &Path, guest: &Guest) {
 
 /// The last `TICK=n` the guest printed.
 fn last_tick(output: &str) -> Option<u64> {
-    output.lines().filter_map(|l| l.trim().strip_prefix("TICK=")?.trim().parse().ok()).last()
+    ticks(output).last().copied()
 }
 
 /// All `TICK=n` values in order.

@@ -85,6 +85,15 @@ pub mod ports {
     pub const ACPI_RESET: u16 = 0x602;
 }
 
+// The boot structures must not overlap; checked when this compiles.
+const _: () = {
+    assert!(BOOT_IDT_START >= BOOT_GDT_START + 4 * 8);
+    assert!(PDE_START + 4 * 0x1000 <= CMDLINE_START);
+    assert!(ZERO_PAGE_START + 0x1000 <= BOOT_STACK_POINTER);
+    assert!(CMDLINE_START + 4096 <= EBDA_START);
+    assert!(ACPI_START >= EBDA_START && ACPI_START < BIOS_END);
+};
+
 /// The RAM ranges `(start, size)` for a guest of `mem_size` bytes: one below
 /// the MMIO gap, and one above 4 GiB for what does not fit below it.
 pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
@@ -117,11 +126,4 @@ mod tests {
         assert_eq!(total, 4 << 30);
     }
 
-    #[test]
-    fn boot_structures_do_not_overlap() {
-        assert!(BOOT_IDT_START >= BOOT_GDT_START + 4 * 8);
-        assert!(PDE_START + 4 * 0x1000 <= CMDLINE_START);
-        assert!(ZERO_PAGE_START + 0x1000 <= BOOT_STACK_POINTER);
-        assert!(CMDLINE_START + 4096 <= EBDA_START);
-    }
 }

@@ -126,7 +126,7 @@ mod tests {
         let mut buf = [0u8; 1];
         assert!(bus.read(0x3fb, &mut buf));
         assert_eq!(buf, [3]);
-        assert!(bus.write(0x3f8, &[b'x']));
+        assert!(bus.write(0x3f8, b"x"));
         assert_eq!(lock(&dev).writes, vec![(0, vec![b'x'])]);
     }
 

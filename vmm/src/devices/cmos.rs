@@ -130,10 +130,13 @@ impl<C: Clock> PioDevice for Cmos<C> {
             INDEX_OFFSET => self.index = value & INDEX_MASK,
             // Writes to the clock registers are ignored: the guest's time
             // follows the host's. Status and RAM bytes are kept.
-            DATA_OFFSET if self.index > YEAR => {
-                if self.index != STATUS_A && self.index != STATUS_C && self.index != STATUS_D {
-                    self.ram[usize::from(self.index)] = value;
-                }
+            DATA_OFFSET
+                if self.index > YEAR
+                    && self.index != STATUS_A
+                    && self.index != STATUS_C
+                    && self.index != STATUS_D =>
+            {
+                self.ram[usize::from(self.index)] = value;
             }
             _ => {}
         }
