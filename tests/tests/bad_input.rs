@@ -173,3 +173,55 @@ fn device_that_is_not_kvm_is_refused() {
     let kernel = vmlinux();
     assert_refused(&["boot", "--kernel", &kernel], &[("STASIS_KVM_DEVICE", "/dev/null")], "/dev/null is not a KVM device");
 }
+
+/// A minimal ELF64 x86-64 "kernel": one loadable segment at 16 MiB holding
+/// `ud2`, entered there. With the boot IDT empty, the #UD cannot be
+/// delivered and the vCPU triple-faults.
+fn ud2_kernel() -> Vec<u8> {
+    const LOAD: u64 = 0x100_0000;
+    let code = [0x0f, 0x0b, 0x90, 0x90];
+    let mut elf = vec![0u8; 64 + 56];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2; // 64-bit
+    elf[5] = 1; // little-endian
+    elf[6] = 1; // ELF version
+    elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // executable
+    elf[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+    elf[24..32].copy_from_slice(&LOAD.to_le_bytes()); // entry
+    elf[32..40].copy_from_slice(&64u64.to_le_bytes()); // program headers
+    elf[52..54].copy_from_slice(&64u16.to_le_bytes());
+    elf[54..56].copy_from_slice(&56u16.to_le_bytes());
+    elf[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = &mut elf[64..120];
+    ph[..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    ph[4..8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+    ph[8..16].copy_from_slice(&120u64.to_le_bytes()); // offset
+    ph[16..24].copy_from_slice(&LOAD.to_le_bytes()); // vaddr
+    ph[24..32].copy_from_slice(&LOAD.to_le_bytes()); // paddr
+    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes()); // filesz
+    ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes()); // memsz
+    ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes()); // align
+    elf.extend_from_slice(&code);
+    elf
+}
+
+/// Runs on this host's own KVM: the guest is two instructions, which even
+/// an emulating KVM runs.
+#[test]
+fn triple_fault_is_reported_with_rip_and_instruction_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ud2.elf");
+    std::fs::write(&path, ud2_kernel()).expect("write");
+    let path = path.to_str().expect("utf-8 path");
+    let (status, stdout, stderr) = run_direct(&["boot", "--kernel", path, "--memory", "64M"], &[]);
+    assert_eq!(status.code(), Some(1), "{status}; stderr: {stderr}; stdout: {stdout}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "want one error line, got:\n{stderr}");
+    let line = lines[0];
+    assert!(line.starts_with("stasis: error: vCPU 0 stopped: triple fault"), "{line}");
+    assert!(line.contains("at RIP 0x1000000"), "{line}");
+    assert!(line.contains("instruction bytes: 0f 0b 90 90"), "{line}");
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    assert_eq!(line.contains("kvm_pvm"), pvm, "kvm_pvm note wrong for this host: {line}");
+}
