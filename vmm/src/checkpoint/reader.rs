@@ -30,6 +30,9 @@ use super::format::{
 /// Number of a memory block, counted across all regions.
 pub type BlockIndex = usize;
 
+/// Most threads [`Reader::read_all_parallel`] starts.
+pub const MAX_THREADS: usize = 256;
+
 /// Default number of storage blocks the random-access cache keeps.
 pub const DEFAULT_CACHED_STORAGE_BLOCKS: usize = 8;
 
@@ -489,7 +492,8 @@ impl Reader {
         }
     }
 
-    /// Reads every block on `threads` threads (0: one per core) and hands
+    /// Reads every block on `threads` threads (0: one per core; at most
+    /// [`MAX_THREADS`]) and hands
     /// each, decompressed and checked, to `sink` (zero blocks as zeros:
     /// check `kind` to skip them). Blocks arrive in no particular order.
     /// Work is split at storage block boundaries, so each storage block is
@@ -498,7 +502,7 @@ impl Reader {
     pub fn read_all_parallel(&self, threads: usize, sink: &BlockSink<'_>) -> Result<(), ReadError> {
         let threads = match threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
+            n => n.min(MAX_THREADS),
         };
         // Unit k runs from the first block stored in storage block k to the
         // first block of storage block k + 1; unit 0 starts at block 0.
