@@ -368,6 +368,7 @@ fn measure_reads(path: &Path, cold_n: usize, warm_n: usize) -> ReadFigures {
         path,
         ReaderOptions {
             cached_storage_blocks: 0,
+            ..ReaderOptions::default()
         },
     )
     .expect("open");

@@ -86,6 +86,7 @@ fn read_once(data: &[u8]) {
         };
         let options = ReaderOptions {
             cached_storage_blocks: cached,
+            ..ReaderOptions::default()
         };
         let Ok(reader) = Reader::from_file(copy, PathBuf::from("fuzz-input"), options) else {
             continue;
