@@ -334,6 +334,7 @@ fn raw_dump(path: &Path, image: &[u8]) -> Duration {
 struct ReadFigures {
     cold_storage: (f64, f64),
     cold_block: (f64, f64),
+    cold_direct: (f64, f64),
     warm_storage: (f64, f64),
     warm_block: (f64, f64),
     hit: (f64, f64),
@@ -372,6 +373,14 @@ fn measure_reads(path: &Path, cold_n: usize, warm_n: usize) -> ReadFigures {
         },
     )
     .expect("open");
+    let odirect = Reader::open_with(
+        path,
+        ReaderOptions {
+            cached_storage_blocks: 0,
+            direct_io: true,
+        },
+    )
+    .expect("open with O_DIRECT");
     let mut rng = Rng(0x7ead);
     let stored: Vec<usize> = (0..cached.block_count())
         .filter(|&i| {
@@ -388,7 +397,7 @@ fn measure_reads(path: &Path, cold_n: usize, warm_n: usize) -> ReadFigures {
     let pick = |rng: &mut Rng| candidates[rng.below(candidates.len())];
     let mut buf = vec![0u8; cached.header().memory_block_size as usize];
 
-    let (mut cold_storage, mut cold_block) = (Vec::new(), Vec::new());
+    let (mut cold_storage, mut cold_block, mut cold_direct) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..cold_n {
         let b = pick(&mut rng);
         drop_cache(path);
@@ -396,6 +405,7 @@ fn measure_reads(path: &Path, cold_n: usize, warm_n: usize) -> ReadFigures {
         cold_storage.push(time_read(&cached, b, &mut buf));
         drop_cache(path);
         cold_block.push(time_read(&direct, b, &mut buf));
+        cold_direct.push(time_read(&odirect, b, &mut buf));
     }
 
     warm_cache(path);
@@ -430,6 +440,7 @@ fn measure_reads(path: &Path, cold_n: usize, warm_n: usize) -> ReadFigures {
     ReadFigures {
         cold_storage: percentiles(cold_storage),
         cold_block: percentiles(cold_block),
+        cold_direct: percentiles(cold_direct),
         warm_storage: percentiles(warm_storage),
         warm_block: percentiles(warm_block),
         hit: percentiles(hit),
@@ -485,6 +496,7 @@ fn main() {
     );
     println!("read: one memory block; sb = reader with storage-block cache (reads the whole storage block on a miss),");
     println!("      blk = reader without cache (reads only the block); hit = neighbour in a cached storage block");
+    println!("      dio = reader without cache using O_DIRECT (no page cache at all)");
     println!("      cold = page cache dropped before each read; \"-\" = no sample (no neighbour in the same storage block)");
     println!();
 
@@ -558,9 +570,10 @@ fn main() {
             ));
             let r = measure_reads(&path, args.cold_reads, args.warm_reads);
             read_rows.push(format!(
-                "{image_name:<5} {:>5} {:>5} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8.2} {:>8.2} {:>8.2}",
+                "{image_name:<5} {:>5} {:>5} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8.2} {:>8.2} {:>8.2}",
                 human_size(cfg.block), cfg.level, human_size(cfg.storage),
                 us(r.cold_storage.0), us(r.cold_storage.1), us(r.cold_block.0), us(r.cold_block.1),
+                us(r.cold_direct.0), us(r.cold_direct.1),
                 us(r.warm_storage.0), us(r.warm_storage.1), us(r.warm_block.0), us(r.warm_block.1),
                 us(r.hit.0), us(r.hit.1), r.seq_warm, r.seq_cold, r.par_warm
             ));
@@ -611,9 +624,9 @@ fn main() {
     println!();
     println!("== read (latency in us; seq and par in GiB/s of guest memory; par = read_all_parallel on all cores) ==");
     println!(
-        "{:<5} {:>5} {:>5} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "{:<5} {:>5} {:>5} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "image", "block", "level", "storage",
-        "cold_sb", "p99", "cold_blk", "p99", "warm_sb", "p99", "warm_blk", "p99", "hit", "p99",
+        "cold_sb", "p99", "cold_blk", "p99", "cold_dio", "p99", "warm_sb", "p99", "warm_blk", "p99", "hit", "p99",
         "seq_warm", "seq_cold", "par_warm"
     );
     for row in &read_rows {
