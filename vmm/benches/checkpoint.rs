@@ -6,6 +6,7 @@
 //! cargo bench -p stasis --bench checkpoint                 # 1 GiB images
 //! cargo bench -p stasis --bench checkpoint -- --quick      # 256 MiB images
 //! cargo bench -p stasis --bench checkpoint -- --dir /data  # files go there
+//! cargo bench -p stasis --bench checkpoint -- --images a --levels -1,1,3
 //! ```
 //!
 //! Images: (a) realistic: about 300/1024 of the size in real files from
@@ -32,11 +33,12 @@ use stasis::checkpoint::{
 
 const MIB: usize = 1 << 20;
 const BLOCK_SIZES: [u32; 5] = [4 << 10, 64 << 10, 256 << 10, 1 << 20, 2 << 20];
-const LEVELS: [i32; 2] = [1, 3];
 const EXTRA_STORAGE_SIZES: [u32; 3] = [256 << 10, 4 << 20, 8 << 20];
 
 struct Args {
     size: usize,
+    images: String,
+    levels: Vec<i32>,
     dir: PathBuf,
     cold_reads: usize,
     warm_reads: usize,
@@ -45,8 +47,10 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut size = 1024 * MIB;
     let mut dir = std::env::temp_dir();
-    let mut cold_reads = 200;
-    let mut warm_reads = 4000;
+    let mut cold_reads = 100;
+    let mut warm_reads = 2000;
+    let mut images = "abc".to_string();
+    let mut levels = vec![DEFAULT_LEVEL, 3];
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -54,8 +58,8 @@ fn parse_args() -> Result<Args, String> {
             "--bench" => {}
             "--quick" => {
                 size = 256 * MIB;
-                cold_reads = 100;
-                warm_reads = 2000;
+                cold_reads = 50;
+                warm_reads = 1000;
             }
             "--size-mib" => {
                 let v = args.next().ok_or("--size-mib needs a value")?;
@@ -67,16 +71,31 @@ fn parse_args() -> Result<Args, String> {
                     return Err("--size-mib must be at least 64".into());
                 }
             }
+            "--images" => {
+                images = args.next().ok_or("--images needs a value, e.g. ac")?;
+                if images.is_empty() || !images.chars().all(|c| "abc".contains(c)) {
+                    return Err(format!("--images {images:?}: use letters from abc"));
+                }
+            }
+            "--levels" => {
+                let v = args.next().ok_or("--levels needs a value, e.g. 1,3")?;
+                levels = v
+                    .split(',')
+                    .map(|l| l.parse::<i32>().map_err(|e| format!("--levels {v}: {e}")))
+                    .collect::<Result<_, _>>()?;
+            }
             "--dir" => dir = PathBuf::from(args.next().ok_or("--dir needs a value")?),
             other => {
                 return Err(format!(
-                    "unknown argument {other:?} (use --quick, --size-mib N, --dir DIR)"
+                    "unknown argument {other:?} (use --quick, --size-mib N, --images abc, --levels 1,3, --dir DIR)"
                 ))
             }
         }
     }
     Ok(Args {
         size,
+        images,
+        levels,
         dir,
         cold_reads,
         warm_reads,
@@ -271,6 +290,31 @@ fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
     (at(0.50), at(0.99))
 }
 
+/// CPU time (user + system) this process has used so far.
+fn cpu_time() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one rusage into the pointer, which points at
+    // enough zeroed memory for it.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    // SAFETY: getrusage succeeded, so it filled the struct (and zeroed
+    // memory is a valid rusage anyway).
+    let usage = unsafe { usage.assume_init() };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// A latency for the table; "-" when there were no samples.
+fn us(v: f64) -> String {
+    if v.is_nan() {
+        "-".to_string()
+    } else {
+        format!("{v:.1}")
+    }
+}
+
 /// The raw dump: the whole memory written and fsynced.
 fn raw_dump(path: &Path, image: &[u8]) -> Duration {
     let start = Instant::now();
@@ -290,6 +334,7 @@ fn raw_dump(path: &Path, image: &[u8]) -> Duration {
 struct ReadFigures {
     cold_storage: (f64, f64),
     cold_block: (f64, f64),
+    cold_direct: (f64, f64),
     warm_storage: (f64, f64),
     warm_block: (f64, f64),
     hit: (f64, f64),
@@ -324,9 +369,18 @@ fn measure_reads(path: &Path, cold_n: usize, warm_n: usize) -> ReadFigures {
         path,
         ReaderOptions {
             cached_storage_blocks: 0,
+            ..ReaderOptions::default()
         },
     )
     .expect("open");
+    let odirect = Reader::open_with(
+        path,
+        ReaderOptions {
+            cached_storage_blocks: 0,
+            direct_io: true,
+        },
+    )
+    .expect("open with O_DIRECT");
     let mut rng = Rng(0x7ead);
     let stored: Vec<usize> = (0..cached.block_count())
         .filter(|&i| {
@@ -343,7 +397,7 @@ fn measure_reads(path: &Path, cold_n: usize, warm_n: usize) -> ReadFigures {
     let pick = |rng: &mut Rng| candidates[rng.below(candidates.len())];
     let mut buf = vec![0u8; cached.header().memory_block_size as usize];
 
-    let (mut cold_storage, mut cold_block) = (Vec::new(), Vec::new());
+    let (mut cold_storage, mut cold_block, mut cold_direct) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..cold_n {
         let b = pick(&mut rng);
         drop_cache(path);
@@ -351,6 +405,7 @@ fn measure_reads(path: &Path, cold_n: usize, warm_n: usize) -> ReadFigures {
         cold_storage.push(time_read(&cached, b, &mut buf));
         drop_cache(path);
         cold_block.push(time_read(&direct, b, &mut buf));
+        cold_direct.push(time_read(&odirect, b, &mut buf));
     }
 
     warm_cache(path);
@@ -385,6 +440,7 @@ fn measure_reads(path: &Path, cold_n: usize, warm_n: usize) -> ReadFigures {
     ReadFigures {
         cold_storage: percentiles(cold_storage),
         cold_block: percentiles(cold_block),
+        cold_direct: percentiles(cold_direct),
         warm_storage: percentiles(warm_storage),
         warm_block: percentiles(warm_block),
         hit: percentiles(hit),
@@ -400,10 +456,10 @@ struct Config {
     storage: u32,
 }
 
-fn configs() -> Vec<Config> {
+fn configs(levels: &[i32]) -> Vec<Config> {
     let mut v = Vec::new();
     for &block in &BLOCK_SIZES {
-        for &level in &LEVELS {
+        for &level in levels {
             v.push(Config {
                 block,
                 level,
@@ -434,9 +490,14 @@ fn main() {
         "cores {cores}, work dir {} (one disk for every file)",
         work.display()
     );
-    println!("write: GiB of guest memory per second, fsync of file and directory included");
+    println!("write: GiB of guest memory per second, fsync of file and directory included;");
+    println!(
+        "       cpu_s = CPU time of all threads (steadier than wall time on a shared machine)"
+    );
     println!("read: one memory block; sb = reader with storage-block cache (reads the whole storage block on a miss),");
     println!("      blk = reader without cache (reads only the block); hit = neighbour in a cached storage block");
+    println!("      dio = reader without cache using O_DIRECT (no page cache at all)");
+    println!("      cold = page cache dropped before each read; \"-\" = no sample (no neighbour in the same storage block)");
     println!();
 
     let mut write_rows = Vec::new();
@@ -444,6 +505,9 @@ fn main() {
     let mut targets = Vec::new();
 
     for image_name in ["a", "b", "c"] {
+        if !args.images.contains(image_name) {
+            continue;
+        }
         let gen_start = Instant::now();
         let (image, desc) = match image_name {
             "a" => realistic_image(args.size),
@@ -462,16 +526,18 @@ fn main() {
         );
 
         let raw_path = work.join("raw.img");
+        let cpu_before = cpu_time();
         let raw_time = raw_dump(&raw_path, &image);
+        let raw_cpu = cpu_time().saturating_sub(cpu_before);
         std::fs::remove_file(&raw_path).expect("remove raw dump");
         let raw_speed = gib_per_s(image.len(), raw_time);
         write_rows.push(format!(
-            "{image_name:<5} {:<9} {:>5} {:>5} {:>7} {:>7.3} {:>7.3} {:>9.1} {:>8.3} {:>7} {:>7} {:>7}",
-            "raw-dump", "-", "-", "-", raw_speed, raw_time.as_secs_f64(),
+            "{image_name:<5} {:<9} {:>5} {:>5} {:>7} {:>7.3} {:>7.3} {:>6.2} {:>9.1} {:>8.3} {:>7} {:>7} {:>7}",
+            "raw-dump", "-", "-", "-", raw_speed, raw_time.as_secs_f64(), raw_cpu.as_secs_f64(),
             image.len() as f64 / MIB as f64, 1.0, "-", "-", "-"
         ));
 
-        let mut all = configs();
+        let mut all = configs(&args.levels);
         if image_name == "a" {
             for &storage in &EXTRA_STORAGE_SIZES {
                 all.push(Config {
@@ -489,24 +555,27 @@ fn main() {
                 level: cfg.level,
                 threads: 0,
             };
+            let cpu_before = cpu_time();
             let stats =
                 write_checkpoint(&path, &ImageSource::flat(&image), &options, &mut |_, _| {})
                     .expect("write checkpoint");
+            let cpu = cpu_time().saturating_sub(cpu_before);
             let speed = gib_per_s(image.len(), stats.elapsed);
             let ratio = stats.file_bytes as f64 / image.len() as f64;
             write_rows.push(format!(
-                "{image_name:<5} {:<9} {:>5} {:>5} {:>7} {:>7.3} {:>7.3} {:>9.1} {:>8.3} {:>7} {:>7} {:>7}",
+                "{image_name:<5} {:<9} {:>5} {:>5} {:>7} {:>7.3} {:>7.3} {:>6.2} {:>9.1} {:>8.3} {:>7} {:>7} {:>7}",
                 "stasis", human_size(cfg.block), cfg.level, human_size(cfg.storage), speed,
-                stats.elapsed.as_secs_f64(), stats.file_bytes as f64 / MIB as f64, ratio,
+                stats.elapsed.as_secs_f64(), cpu.as_secs_f64(), stats.file_bytes as f64 / MIB as f64, ratio,
                 stats.zero_blocks, stats.raw_blocks, stats.zstd_blocks
             ));
             let r = measure_reads(&path, args.cold_reads, args.warm_reads);
             read_rows.push(format!(
-                "{image_name:<5} {:>5} {:>5} {:>7} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.2} {:>8.2} {:>8.2}",
+                "{image_name:<5} {:>5} {:>5} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8.2} {:>8.2} {:>8.2}",
                 human_size(cfg.block), cfg.level, human_size(cfg.storage),
-                r.cold_storage.0, r.cold_storage.1, r.cold_block.0, r.cold_block.1,
-                r.warm_storage.0, r.warm_storage.1, r.warm_block.0, r.warm_block.1,
-                r.hit.0, r.hit.1, r.seq_warm, r.seq_cold, r.par_warm
+                us(r.cold_storage.0), us(r.cold_storage.1), us(r.cold_block.0), us(r.cold_block.1),
+                us(r.cold_direct.0), us(r.cold_direct.1),
+                us(r.warm_storage.0), us(r.warm_storage.1), us(r.warm_block.0), us(r.warm_block.1),
+                us(r.hit.0), us(r.hit.1), r.seq_warm, r.seq_cold, r.par_warm
             ));
             let is_default = cfg.block == DEFAULT_MEMORY_BLOCK_SIZE
                 && cfg.level == DEFAULT_LEVEL
@@ -534,7 +603,7 @@ fn main() {
     println!();
     println!("== write ==");
     println!(
-        "{:<5} {:<9} {:>5} {:>5} {:>7} {:>7} {:>7} {:>9} {:>8} {:>7} {:>7} {:>7}",
+        "{:<5} {:<9} {:>5} {:>5} {:>7} {:>7} {:>7} {:>6} {:>9} {:>8} {:>7} {:>7} {:>7}",
         "image",
         "method",
         "block",
@@ -542,6 +611,7 @@ fn main() {
         "storage",
         "GiB/s",
         "time_s",
+        "cpu_s",
         "file_MiB",
         "file/raw",
         "zero",
@@ -554,9 +624,9 @@ fn main() {
     println!();
     println!("== read (latency in us; seq and par in GiB/s of guest memory; par = read_all_parallel on all cores) ==");
     println!(
-        "{:<5} {:>5} {:>5} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "{:<5} {:>5} {:>5} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "image", "block", "level", "storage",
-        "cold_sb", "p99", "cold_blk", "p99", "warm_sb", "p99", "warm_blk", "p99", "hit", "p99",
+        "cold_sb", "p99", "cold_blk", "p99", "cold_dio", "p99", "warm_sb", "p99", "warm_blk", "p99", "hit", "p99",
         "seq_warm", "seq_cold", "par_warm"
     );
     for row in &read_rows {

@@ -146,6 +146,7 @@ fn read_with(sample: &Sample, path: &Path, caches: &[usize]) -> Option<String> {
             path,
             ReaderOptions {
                 cached_storage_blocks: cached,
+                ..ReaderOptions::default()
             },
         ) {
             Ok(r) => r,

@@ -6,7 +6,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{IsTerminal, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
@@ -48,8 +48,8 @@ pub enum CheckpointCommand {
         /// KiB, M, MiB, G, GiB; all binary).
         #[arg(long, value_parser = parse_size_u32, default_value_t = DEFAULT_MEMORY_BLOCK_SIZE)]
         block_size: u32,
-        /// Storage (staging) block size: a multiple of 4K from the memory
-        /// block size to 64M.
+        /// Storage (staging) block size: a multiple of 4K up to 64M; raised
+        /// to the memory block size when smaller.
         #[arg(long, value_parser = parse_size_u32, default_value_t = DEFAULT_STORAGE_BLOCK_SIZE)]
         storage_block_size: u32,
         /// zstd compression level.
@@ -95,6 +95,9 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    /// `unpack` was asked to overwrite the checkpoint it reads.
+    #[error("cannot unpack: {path} is the checkpoint being read")]
+    CheckOutput { path: PathBuf },
     /// Encoding JSON failed.
     #[error("cannot encode the summary as JSON")]
     EncodeJson(#[source] serde_json::Error),
@@ -263,6 +266,16 @@ fn unpack(reader: &Reader, out_path: &Path) -> Result<u64, CliError> {
         path: out_path.to_path_buf(),
         source,
     };
+    // Truncating the checkpoint being read would destroy it.
+    if let Ok(out_meta) = std::fs::metadata(out_path) {
+        if let Ok(in_meta) = std::fs::metadata(reader.path()) {
+            if (out_meta.dev(), out_meta.ino()) == (in_meta.dev(), in_meta.ino()) {
+                return Err(CliError::CheckOutput {
+                    path: out_path.to_path_buf(),
+                });
+            }
+        }
+    }
     let file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -379,6 +392,31 @@ mod tests {
         assert!(parse_size("99999999999999999999").is_err());
         assert!(parse_size("17179869184G").is_err());
         assert!(parse_size_u32("128M").is_err());
+    }
+
+    #[test]
+    fn unpack_refuses_to_overwrite_its_own_input() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let raw = dir.path().join("raw");
+        std::fs::write(&raw, [5u8; 8192]).expect("write raw");
+        let ckpt = dir.path().join("ckpt");
+        let pack = CheckpointCommand::Pack {
+            raw,
+            out: ckpt.clone(),
+            block_size: 4096,
+            storage_block_size: 4096,
+            level: 1,
+            threads: 1,
+        };
+        run_to(pack, &mut Vec::new()).expect("packs");
+        let before = std::fs::read(&ckpt).expect("read");
+        let unpack = CheckpointCommand::Unpack {
+            file: ckpt.clone(),
+            out: ckpt.clone(),
+        };
+        let err = run_to(unpack, &mut Vec::new()).expect_err("same file");
+        assert!(matches!(err, CliError::CheckOutput { .. }), "{err:?}");
+        assert_eq!(std::fs::read(&ckpt).expect("read"), before);
     }
 
     #[test]

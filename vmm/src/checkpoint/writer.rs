@@ -47,6 +47,9 @@ pub const DEFAULT_STORAGE_BLOCK_SIZE: u32 = 1 << 20;
 /// Default zstd level: fast.
 pub const DEFAULT_LEVEL: i32 = 1;
 
+/// Most compression threads a write starts, whatever it is asked for.
+pub const MAX_THREADS: usize = 256;
+
 /// Input handed to one compression job, in bytes (rounded to whole blocks).
 const BATCH_BYTES: usize = 1 << 20;
 
@@ -142,7 +145,8 @@ pub struct WriterOptions {
     pub storage_block_size: u32,
     /// zstd level (negative levels are faster, up to 22 smaller).
     pub level: i32,
-    /// Compression threads; 0 means one per available core.
+    /// Compression threads; 0 means one per available core. At most
+    /// [`MAX_THREADS`].
     pub threads: usize,
 }
 
@@ -374,6 +378,29 @@ impl Staging {
     }
 }
 
+/// Asks the kernel to start writing `len` bytes at `offset` back to disk
+/// now, without waiting, so the final fsync has little left to flush and
+/// disk writes overlap compression. Only a hint: failures are ignored.
+fn start_writeback(file: &File, offset: u64, len: usize) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range only reads its integer arguments; `file`
+    // keeps the descriptor open for the duration of the call.
+    let rc = unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+    if rc != 0 {
+        log::debug!(
+            "sync_file_range failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Output of the data phase.
 struct DataOutcome {
     storage: Vec<StorageEntry>,
@@ -393,7 +420,7 @@ fn write_data(
 ) -> Result<DataOutcome, WriteError> {
     let threads = match options.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
+        n => n.min(MAX_THREADS),
     };
     let block_size = header.memory_block_size as usize;
     let blocks_per_batch = (BATCH_BYTES / block_size).max(1);
@@ -436,6 +463,7 @@ fn write_data(
                         offset,
                         source,
                     })?;
+                start_writeback(file, offset, buf.len());
                 // The placing loop may have finished; nothing to hand back to.
                 let _ = io_return.send(buf);
             }
