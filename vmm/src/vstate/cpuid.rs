@@ -57,6 +57,14 @@ fn topology_leaf(function: u32, cpu_id: u32, count: u32) -> [kvm_cpuid_entry2; 3
     ]
 }
 
+/// Empties a leaf: the feature it describes is absent.
+fn clear(e: &mut kvm_cpuid_entry2) {
+    e.eax = 0;
+    e.ebx = 0;
+    e.ecx = 0;
+    e.edx = 0;
+}
+
 /// Rewrites `entries` (KVM's supported CPUID) for vCPU `cpu_id` of `count`.
 pub fn filter_cpuid(entries: &mut Vec<kvm_cpuid_entry2>, cpu_id: u8, count: u8, tsc_deadline: bool) {
     let (id, n) = (u32::from(cpu_id), u32::from(count));
@@ -91,29 +99,18 @@ pub fn filter_cpuid(entries: &mut Vec<kvm_cpuid_entry2>, cpu_id: u8, count: u8, 
                 let sharing = if level >= 3 { n - 1 } else { 0 };
                 e.eax = (e.eax & 0x3fff) | ((n - 1).min(63) << 26) | (sharing.min(0xfff) << 14);
             }
-            0x5 => {
-                // MONITOR/MWAIT is hidden, so is its leaf.
-                e.eax = 0;
-                e.ebx = 0;
-                e.ecx = 0;
-                e.edx = 0;
-            }
+            // MONITOR/MWAIT is hidden, so is its leaf.
+            0x5 => clear(e),
             0x6 => {
-                e.eax &= LEAF6_EAX_ARAT;
-                e.ebx = 0;
-                e.ecx = 0;
-                e.edx = 0;
+                let arat = e.eax & LEAF6_EAX_ARAT;
+                clear(e);
+                e.eax = arat;
             }
             0x7 if e.index == 0 => {
                 e.ebx &= !(LEAF7_EBX_SGX | LEAF7_EBX_INTEL_PT);
             }
-            0xa => {
-                // No virtual PMU is set up.
-                e.eax = 0;
-                e.ebx = 0;
-                e.ecx = 0;
-                e.edx = 0;
-            }
+            // No virtual PMU is set up.
+            0xa => clear(e),
             0x8000_0008 => {
                 // AMD: cores per package - 1 in ECX[7:0], APIC ID bits [15:12].
                 e.ecx = (e.ecx & !0xf0ff) | (id_bits(n) << 12) | (n - 1);
