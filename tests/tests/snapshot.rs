@@ -106,11 +106,27 @@ fn restore_and_check(dir: &Path, snap: &Path, extra: &[&str], sha: &str, tick_be
     (guest, sock)
 }
 
-fn poweroff(mut guest: Guest) {
+/// Powers the guest off; returns everything it printed.
+fn poweroff(mut guest: Guest) -> String {
     guest.send_line("poweroff -f");
     let (status, output) = guest.wait_exit(EXIT_TIMEOUT);
     assert!(status.success(), "exit status {status} after poweroff; output:\n{output}");
     assert!(!output.contains("stasis: error"), "{output}");
+    output
+}
+
+/// The `key=value` fields of the restore report line a restored VM prints
+/// on stderr when it ends.
+fn restore_report(output: &str) -> std::collections::HashMap<String, String> {
+    let line = output
+        .lines()
+        .find(|l| l.starts_with("stasis: restore: "))
+        .unwrap_or_else(|| panic!("no restore report:\n{output}"));
+    line["stasis: restore: ".len()..]
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 #[test]
@@ -122,7 +138,14 @@ fn lazy_restore_resumes_the_same_guest() {
     let snap = dir.path().join("snap");
     let (sha, tick) = prepare_snapshot(dir.path(), &snap, &[]);
     let (guest, _) = restore_and_check(dir.path(), &snap, &[], &sha, tick, "r1");
-    poweroff(guest);
+    let report = restore_report(&poweroff(guest));
+    eprintln!("lazy restore report: {report:?}");
+    assert_eq!(report["memory"], "lazy");
+    let latency: f64 = report["latency_ms"].parse().expect("latency");
+    assert!(latency > 0.0);
+    let faults: u64 = report["faults"].parse().expect("faults");
+    let on_fault: u64 = report["blocks_on_fault"].parse().expect("blocks_on_fault");
+    assert!(faults > 0 && on_fault > 0, "the guest ran without faulting memory in: {report:?}");
 }
 
 #[test]
@@ -152,7 +175,9 @@ fn eager_restore_resumes_the_same_guest() {
     let snap = dir.path().join("snap");
     let (sha, tick) = prepare_snapshot(dir.path(), &snap, &[]);
     let (guest, _) = restore_and_check(dir.path(), &snap, &["--memory", "eager"], &sha, tick, "r1");
-    poweroff(guest);
+    let report = restore_report(&poweroff(guest));
+    assert_eq!(report["memory"], "eager");
+    assert!(!report.contains_key("faults"), "an eager restore reported faults: {report:?}");
 }
 
 #[test]
