@@ -94,11 +94,13 @@ pub fn run_in_kvm_host(test_name: &str) -> bool {
     }
     let exe = std::env::current_exe().expect("test binary path");
     let root = repo_root();
+    // RUST_LOG reaches the stasis processes inside, for debugging.
+    let log = format!("RUST_LOG={}", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
     let status = Command::new(root.join("scripts/testhost"))
         .arg("--file")
         .arg(&exe)
         .arg("--")
-        .args(["env", "STASIS_E2E_RUNNER=direct", "RUST_BACKTRACE=1"])
+        .args(["env", "STASIS_E2E_RUNNER=direct", "RUST_BACKTRACE=1", &log])
         .arg(&exe)
         .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
         .current_dir(&root)

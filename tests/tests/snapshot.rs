@@ -138,8 +138,12 @@ fn lazy_restore_resumes_the_same_guest() {
     let snap = dir.path().join("snap");
     let (sha, tick) = prepare_snapshot(dir.path(), &snap, &[]);
     let (guest, _) = restore_and_check(dir.path(), &snap, &[], &sha, tick, "r1");
-    let report = restore_report(&poweroff(guest));
-    eprintln!("lazy restore report: {report:?}");
+    let output = poweroff(guest);
+    // With RUST_LOG=stasis=debug the restore's phases show here too.
+    for line in output.lines().filter(|l| l.contains("restore: ")) {
+        eprintln!("{line}");
+    }
+    let report = restore_report(&output);
     assert_eq!(report["memory"], "lazy");
     let latency: f64 = report["latency_ms"].parse().expect("latency");
     assert!(latency > 0.0);

@@ -310,17 +310,20 @@ pub fn build_microvm_from_snapshot(
     memory: MemoryMode,
     process_start: Instant,
 ) -> Result<Vmm, BuildError> {
+    let phase = |what: &str| log::debug!("restore: {what} at {:.1} ms", process_start.elapsed().as_secs_f64() * 1000.0);
     // Everything from the files is read and checked before KVM is touched.
     let snapshot = persist::open_snapshot(dir)?;
     let state: SnapshotState = snapshot.state;
     let reader = Reader::open(&snapshot.memory_path).map_err(BuildError::OpenCheckpoint)?;
     check_checkpoint_layout(&reader, &state.machine)?;
+    phase("snapshot files read and checked");
 
     let kvm = vm::open_kvm(&vm::kvm_path())?;
     vm::check_vcpu_limit(&kvm, state.machine.vcpus)?;
     let vm = vm::create_vm(&kvm)?;
     let mem = create_guest_memory(state.machine.mem_size)?;
     vm::register_memory(&vm, &mem)?;
+    phase("VM and memory created");
 
     let (events_tx, events_rx) = channel::<VmEvent>();
     // Memory before any vCPU can run. Lazy: registered with userfaultfd and
@@ -335,6 +338,7 @@ pub fn build_microvm_from_snapshot(
             (None, "eager")
         }
     };
+    phase("memory set up");
 
     // vCPUs (and so their LAPICs) before the VM-wide interrupt controller
     // state, which routes to them.
@@ -347,6 +351,7 @@ pub fn build_microvm_from_snapshot(
     // VM clock, PIT and irqchip after the vCPUs; the clock last among
     // in-kernel state so the guest sees the least time jump.
     vm::restore_vm_state(&vm, &state.vm)?;
+    phase("vCPU and VM state restored");
 
     // Devices last: restoring the UART may raise its interrupt, which
     // must find the interrupt controllers in their saved state.
