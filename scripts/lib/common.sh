@@ -51,3 +51,26 @@ now() { printf '%s' "${EPOCHREALTIME:-$(date +%s.%N)}"; }
 
 # elapsed START: seconds since START (from now), with two decimals.
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
+
+# ensure_packages PACKAGE...
+# Installs, with apt, the Debian packages that are not installed yet (for
+# libraries, which have no command to look for); dies if that fails.
+ensure_packages() {
+    local pkg missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' ||
+            missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    [ "$(id -u)" = 0 ] || die "missing packages: ${missing[*]} (apt-get install ${missing[*]} as root)"
+    say "installing ${missing[*]}"
+    local log
+    log=$(mktemp)
+    if ! { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -q --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+        tail -n 20 "$log" >&2
+        rm -f "$log"
+        die "apt-get install ${missing[*]} failed"
+    fi
+    rm -f "$log"
+}
