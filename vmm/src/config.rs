@@ -11,7 +11,9 @@ pub const DEFAULT_MEMORY: u64 = 512 << 20;
 /// Kernel command line used when the user gives none.
 /// `quiet` keeps the boot log to warnings and errors: every byte on the
 /// emulated UART is a VM exit, and a full log costs seconds of boot time.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+/// `pci=off`: the machine has no PCI bus, and probing for one only prints
+/// an error.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
 
 const PAGE_SIZE: u64 = 4096;
 

@@ -47,7 +47,7 @@ struct BootArgs {
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
-    /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1 quiet"].
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1 pci=off quiet"].
     #[arg(long, value_name = "STR")]
     cmdline: Option<String>,
     /// Guest memory, e.g. 512M or 2G.
