@@ -235,5 +235,13 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     guest.wait_until("ticks after resume", COMMAND_TIMEOUT, |t| last_tick(t).is_some_and(|n| n >= frozen + 3));
     let all = ticks(&guest.output());
     assert!(all.windows(2).all(|w| w[1] == w[0] + 1), "counter not consecutive across pause: {all:?}");
+
+    // A snapshot with --then resume leaves the guest running.
+    let snap = dir.path().join("snap");
+    let reply = snapshot(&sock, &snap, "resume");
+    assert!(reply.contains("\"state\":\"running\""), "{reply}");
+    assert!(snap.join("manifest.json").is_file() && snap.join("memory.ckpt").is_file());
+    let before = last_tick(&guest.output()).expect("ticks");
+    guest.wait_until("ticks after the snapshot", COMMAND_TIMEOUT, |t| last_tick(t).is_some_and(|n| n >= before + 2));
     poweroff(guest);
 }
