@@ -206,7 +206,7 @@ impl Devices {
 
 /// A built VM, ready to run or running.
 pub struct Vmm {
-    _kvm: Kvm,
+    kvm: Kvm,
     vm: VmFd,
     mem: GuestMemoryMmap,
     machine: MachineConfig,
@@ -283,7 +283,7 @@ pub fn build_microvm_for_boot(config: &VmConfig) -> Result<Vmm, BuildError> {
     );
     let msr_indices = Arc::new(vcpu::msrs_to_save(&kvm)?);
     Ok(Vmm {
-        _kvm: kvm,
+        kvm,
         vm,
         mem,
         machine: MachineConfig { mem_size: config.mem_size, vcpus: config.vcpus },
@@ -320,6 +320,7 @@ pub fn build_microvm_from_snapshot(
 
     let kvm = vm::open_kvm(&vm::kvm_path())?;
     vm::check_vcpu_limit(&kvm, state.machine.vcpus)?;
+    vcpu::check_xsave_size(&kvm)?;
     let vm = vm::create_vm(&kvm)?;
     let mem = create_guest_memory(state.machine.mem_size)?;
     vm::register_memory(&vm, &mem)?;
@@ -367,7 +368,7 @@ pub fn build_microvm_from_snapshot(
     }
     let msr_indices = Arc::new(vcpu::msrs_to_save(&kvm)?);
     Ok(Vmm {
-        _kvm: kvm,
+        kvm,
         vm,
         mem,
         machine: state.machine,
@@ -625,7 +626,9 @@ impl Vmm {
     /// Saves the VM into `out`: pauses it, writes state and memory, and
     /// leaves it paused (the caller resumes it or ends it).
     pub fn snapshot(&mut self, out: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<SnapshotReport, BuildError> {
-        // Refuse an unusable output before stopping the guest.
+        // Refuse what cannot be saved, and an unusable output, before
+        // stopping the guest.
+        vcpu::check_xsave_size(&self.kvm)?;
         let writer = SnapshotWriter::create(out)?;
         let paused_at = Instant::now();
         self.pause()?;

@@ -307,6 +307,22 @@ pub struct Vcpu {
     fd: VcpuFd,
 }
 
+/// Size of `kvm_xsave`, what KVM_GET_XSAVE and KVM_SET_XSAVE carry.
+const XSAVE_LEGACY_SIZE: usize = std::mem::size_of::<kvm_xsave>();
+
+/// Checks that this host's XSAVE area fits `kvm_xsave`: KVM_SET_XSAVE
+/// reads as many bytes as the area needs, so a larger area (e.g. with AMX
+/// state) would make it read past the struct. Such hosts need
+/// KVM_GET_XSAVE2, which stasis does not use yet.
+pub fn check_xsave_size(kvm: &Kvm) -> Result<(), VcpuError> {
+    // 0 when the capability is missing: then the legacy size is all there is.
+    let size = usize::try_from(kvm.check_extension_int(Cap::Xsave2)).unwrap_or(0);
+    if size > XSAVE_LEGACY_SIZE {
+        return Err(VcpuError::XsaveTooLarge(size));
+    }
+    Ok(())
+}
+
 /// The MSRs to save: KVM's list, in ascending order. Ascending order also
 /// puts IA32_TSC (0x10) before IA32_TSC_DEADLINE (0x6e0) on restore, as it
 /// must be: the deadline is meaningful only against the restored TSC.
@@ -531,9 +547,9 @@ impl Vcpu {
         // RFLAGS) are interpreted in.
         self.fd.set_sregs(&state.sregs).map_err(set("special registers"))?;
         self.fd.set_regs(&state.regs).map_err(set("registers"))?;
-        // SAFETY: `state.xsave` is a whole kvm_xsave, the size KVM reads
-        // for KVM_SET_XSAVE when the XSAVE area fits 4096 bytes, which
-        // the VMM checked before saving it.
+        // SAFETY: `state.xsave` is a whole kvm_xsave, which is what KVM
+        // reads for KVM_SET_XSAVE when the XSAVE area fits in it; the VMM
+        // checks that with `check_xsave_size` before restoring any vCPU.
         unsafe { self.fd.set_xsave(&state.xsave) }.map_err(set("XSAVE state"))?;
         self.fd.set_xcrs(&state.xcrs).map_err(set("XCRs"))?;
         self.fd.set_debug_regs(&state.debug_regs).map_err(set("debug registers"))?;
