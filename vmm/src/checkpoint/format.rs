@@ -280,6 +280,26 @@ pub fn valid_storage_block_size(size: u32, memory_block_size: u32) -> bool {
     u64::from(size) % ALIGN == 0 && size >= memory_block_size && size <= MAX_STORAGE_BLOCK
 }
 
+/// Checks both block sizes, naming the header field that is wrong.
+fn check_block_sizes(memory_block_size: u32, storage_block_size: u32) -> Result<(), FormatError> {
+    let bad = |offset, reason: String| FormatError::DecodeHeader { offset, reason };
+    if !valid_memory_block_size(memory_block_size) {
+        return Err(bad(
+            header_off::MEMORY_BLOCK,
+            format!("memory block size {memory_block_size} is not a power of two from 4 KiB to 2 MiB"),
+        ));
+    }
+    if !valid_storage_block_size(storage_block_size, memory_block_size) {
+        return Err(bad(
+            header_off::STORAGE_BLOCK,
+            format!(
+                "storage block size {storage_block_size} is not a multiple of 4 KiB from the memory block size to 64 MiB"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a region list: non-empty, at most [`MAX_REGIONS`], each region
 /// non-empty and not wrapping, sorted, non-overlapping, total within
 /// [`MAX_GUEST_MEMORY`]. Returns the total size or why it is refused.
@@ -361,20 +381,7 @@ impl Header {
         regions: Vec<Region>,
     ) -> Result<Self, FormatError> {
         let bad = |offset, reason: String| FormatError::DecodeHeader { offset, reason };
-        if !valid_memory_block_size(memory_block_size) {
-            return Err(bad(
-                header_off::MEMORY_BLOCK,
-                format!("memory block size {memory_block_size} is not a power of two from 4 KiB to 2 MiB"),
-            ));
-        }
-        if !valid_storage_block_size(storage_block_size, memory_block_size) {
-            return Err(bad(
-                header_off::STORAGE_BLOCK,
-                format!(
-                    "storage block size {storage_block_size} is not a multiple of 4 KiB from the memory block size to 64 MiB"
-                ),
-            ));
-        }
+        check_block_sizes(memory_block_size, storage_block_size)?;
         let memory_bytes = check_regions(&regions).map_err(|r| bad(HEADER_FIXED_LEN as u64, r))?;
         let mut header = Header {
             version_major: VERSION_MAJOR,
@@ -474,20 +481,7 @@ impl Header {
         let region_count = le_u32(buf, 24) as usize;
         let flags = le_u32(buf, 28);
         let memory_bytes = le_u64(buf, 32);
-        if !valid_memory_block_size(memory_block_size) {
-            return Err(bad(
-                header_off::MEMORY_BLOCK,
-                format!("memory block size {memory_block_size} is not a power of two from 4 KiB to 2 MiB"),
-            ));
-        }
-        if !valid_storage_block_size(storage_block_size, memory_block_size) {
-            return Err(bad(
-                header_off::STORAGE_BLOCK,
-                format!(
-                    "storage block size {storage_block_size} is not a multiple of 4 KiB from the memory block size to 64 MiB"
-                ),
-            ));
-        }
+        check_block_sizes(memory_block_size, storage_block_size)?;
         if flags != 0 {
             return Err(bad(
                 header_off::FLAGS,
