@@ -657,8 +657,7 @@ impl Vmm {
         };
         let memory = checkpoint::write_checkpoint(&writer.memory_path(), &self.mem, &WriterOptions::default(), progress)
             .map_err(BuildError::WriteCheckpoint)?;
-        writer.write_state(&state)?;
-        let state_bytes = persist::encode_state(&state)?.len() as u64;
+        let state_bytes = writer.write_state(&state)?;
         let dir = writer.commit(&self.machine)?;
         Ok(SnapshotReport { dir, memory, state_bytes, paused_for: paused_at.elapsed() })
     }

@@ -255,9 +255,11 @@ impl SnapshotWriter {
         self.partial.join(MEMORY_FILE)
     }
 
-    /// Writes the state file.
-    pub fn write_state(&self, state: &SnapshotState) -> Result<(), PersistError> {
-        write_synced(&self.partial.join(STATE_FILE), &encode_state(state)?)
+    /// Writes the state file; returns its size in bytes.
+    pub fn write_state(&self, state: &SnapshotState) -> Result<u64, PersistError> {
+        let bytes = encode_state(state)?;
+        write_synced(&self.partial.join(STATE_FILE), &bytes)?;
+        Ok(bytes.len() as u64)
     }
 
     /// Writes the manifest and moves the snapshot into place, replacing an
