@@ -1,7 +1,7 @@
 //! Boot-time benchmark: time from starting `stasis boot` to the guest's
 //! `STASIS-GUEST-READY`, for the ELF vmlinux and the bzImage, N runs each.
 //! Run it where KVM is real: directly on a hardware-KVM host, or inside the
-//! test host (`scripts/bench-boot` does that). Prints one line per
+//! test host (the command is in README.md, "Benchmarks"). Prints one line per
 //! configuration in a stable format:
 //!
 //! `boot kernel=vmlinux cmdline=default runs=5 median_s=3.210 min_s=3.100 max_s=3.400`
