@@ -763,6 +763,12 @@ mod tests {
         image
     }
 
+    /// Writes `image` to `path` with [`small_options`].
+    fn write_small(path: &Path, image: &[u8]) -> WriteStats {
+        write_checkpoint(path, &ImageSource::flat(image), &small_options(), &mut |_, _| {})
+            .expect("writes")
+    }
+
     fn small_options() -> WriterOptions {
         WriterOptions {
             memory_block_size: 4096,
@@ -788,13 +794,7 @@ mod tests {
         let image = mixed_image(64 * 4096);
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("ckpt");
-        let stats = write_checkpoint(
-            &path,
-            &ImageSource::flat(&image),
-            &small_options(),
-            &mut |_, _| {},
-        )
-        .expect("writes");
+        let stats = write_small(&path, &image);
         assert_eq!(stats.zstd_blocks, 16);
         assert_eq!(stats.raw_blocks, 16);
         assert_eq!(stats.zero_blocks, 32);
@@ -824,13 +824,7 @@ mod tests {
         let image = mixed_image(64 * 4096);
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("ckpt");
-        let stats = write_checkpoint(
-            &path,
-            &ImageSource::flat(&image),
-            &small_options(),
-            &mut |_, _| {},
-        )
-        .expect("writes");
+        let stats = write_small(&path, &image);
         let reader = crate::checkpoint::reader::Reader::open(&path).expect("opens");
         assert_eq!(reader.storage_block_count() as u64, stats.storage_blocks);
         for i in 0..reader.storage_block_count() {
@@ -842,13 +836,7 @@ mod tests {
     fn write_leaves_no_temporary_file_behind() {
         let image = mixed_image(16 * 4096);
         let dir = tempfile::tempdir().expect("temp dir");
-        write_checkpoint(
-            &dir.path().join("ckpt"),
-            &ImageSource::flat(&image),
-            &small_options(),
-            &mut |_, _| {},
-        )
-        .expect("writes");
+        write_small(&dir.path().join("ckpt"), &image);
         let names: Vec<_> = fs::read_dir(dir.path())
             .expect("lists")
             .map(|e| e.expect("entry").file_name())
