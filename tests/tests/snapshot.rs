@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use stasis_e2e::{boot_args, run_in_kvm_host, stasis_bin, Guest, COMMAND_TIMEOUT};
+use stasis_e2e::{boot_args, complete_lines, run_in_kvm_host, stasis_bin, Guest, COMMAND_TIMEOUT};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Writing 64 MiB of random data and hashing it, under nested KVM.
@@ -52,9 +52,17 @@ fn last_tick(output: &str) -> Option<u64> {
     ticks(output).last().copied()
 }
 
-/// All `TICK=n` values in order.
+/// All `TICK=n` values in order, from complete lines only (a line still
+/// being printed may read `TICK=2` on its way to `TICK=25`). A tick may
+/// follow the shell's prompt on the same line (`~ # TICK=2`).
 fn ticks(output: &str) -> Vec<u64> {
-    output.lines().filter_map(|l| l.trim().strip_prefix("TICK=")?.trim().parse().ok()).collect()
+    complete_lines(output)
+        .filter_map(|l| {
+            let (_, rest) = l.split_once("TICK=")?;
+            let digits = rest.trim_end();
+            (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok())?
+        })
+        .collect()
 }
 
 /// Boots a guest, fills 64 MiB of tmpfs with random data, starts a

@@ -206,6 +206,9 @@ impl Devices {
 
 /// A built VM, ready to run or running.
 pub struct Vmm {
+    /// The lazy loader writes into `mem`: declared first, it is dropped
+    /// (its handler stopped) before the memory.
+    lazy: Option<LazyMemory>,
     kvm: Kvm,
     vm: VmFd,
     mem: GuestMemoryMmap,
@@ -217,7 +220,6 @@ pub struct Vmm {
     msr_indices: Arc<Vec<u32>>,
     events_tx: Sender<VmEvent>,
     events_rx: Receiver<VmEvent>,
-    lazy: Option<LazyMemory>,
     paused: bool,
     restore_started: Option<(Instant, &'static str)>,
     restore_report: Option<RestoreReport>,

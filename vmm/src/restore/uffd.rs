@@ -7,8 +7,14 @@
 //! neighbouring faults do not touch the disk again), and copies the whole
 //! memory block in with `UFFDIO_COPY` (`UFFDIO_ZEROPAGE` for zero blocks),
 //! which also wakes the faulting vCPU. Between faults, background prefetch
-//! loads the remaining blocks in file order, one block at a time, so a
-//! fault never waits behind more than one prefetched block.
+//! loads the remaining data blocks in file order, one block at a time, so
+//! a fault never waits behind more than one prefetched block.
+//!
+//! Zero blocks are not prefetched: once every data block is in, the
+//! handler unregisters guest memory from userfaultfd, and the pages still
+//! missing (all in zero blocks) become plain anonymous memory that the
+//! kernel fills with zeros on first touch, with no round trip through the
+//! handler. Unregistering wakes any vCPU still waiting on such a page.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,8 +72,8 @@ pub struct LoaderStats {
     pub blocks_on_fault: AtomicU64,
     /// Memory blocks loaded by background prefetch.
     pub blocks_prefetched: AtomicU64,
-    /// Milliseconds from the handler's start until every block was in;
-    /// 0 while some are missing.
+    /// Milliseconds from the handler's start until every data block was
+    /// in and memory was released from userfaultfd; 0 until then.
     pub resident_after_ms: AtomicU64,
 }
 
@@ -98,10 +104,12 @@ impl LoaderStats {
 }
 
 enum Control {
-    /// Load every block still missing, then answer.
+    /// Load every data block still missing, release the memory, then answer.
     LoadAll(Sender<Result<(), String>>),
     /// Pause or restart background prefetch.
     Prefetch(bool),
+    /// End the handler thread.
+    Stop,
 }
 
 /// The VMM's handle on the fault handler.
@@ -109,7 +117,7 @@ pub struct LazyMemory {
     control: Sender<Control>,
     wake: EventFd,
     stats: Arc<LoaderStats>,
-    _thread: JoinHandle<()>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl LazyMemory {
@@ -149,6 +157,10 @@ impl LazyMemory {
                 return Err(UffdError::Layout { gpa: info.guest_addr });
             }
         }
+        let data_missing = (0..reader.block_count())
+            .filter_map(|i| reader.block_info(i))
+            .filter(|info| info.kind != BlockKind::Zero)
+            .count();
         let wake = EventFd::new(EFD_NONBLOCK).map_err(UffdError::EventFd)?;
         let wake_handler = wake.try_clone().map_err(UffdError::EventFd)?;
         let (control, control_rx) = channel();
@@ -156,7 +168,8 @@ impl LazyMemory {
         let handler = Handler {
             buf: vec![0u8; reader.header().memory_block_size as usize],
             loaded: vec![false; reader.block_count()],
-            missing: reader.block_count(),
+            data_missing,
+            released: false,
             next_prefetch: 0,
             prefetch,
             uffd,
@@ -165,9 +178,6 @@ impl LazyMemory {
             stats: stats.clone(),
             started: Instant::now(),
         };
-        if handler.missing == 0 {
-            stats.resident_after_ms.store(1, Ordering::Relaxed);
-        }
         let thread = std::thread::Builder::new()
             .name("uffd-handler".into())
             .spawn(move || {
@@ -177,7 +187,7 @@ impl LazyMemory {
                 }
             })
             .map_err(UffdError::Spawn)?;
-        Ok(LazyMemory { control, wake, stats, _thread: thread })
+        Ok(LazyMemory { control, wake, stats, thread: Some(thread) })
     }
 
     /// The loader's counters.
@@ -185,8 +195,9 @@ impl LazyMemory {
         self.stats.report()
     }
 
-    /// Loads every block still missing (e.g. before a snapshot reads all
-    /// of memory) and returns once all are in.
+    /// Loads every data block still missing and releases guest memory from
+    /// userfaultfd (e.g. before a snapshot reads all of memory); returns
+    /// once that is done.
     pub fn load_all(&self) -> Result<(), UffdError> {
         let (tx, rx) = channel();
         self.control.send(Control::LoadAll(tx)).map_err(|_| UffdError::HandlerGone)?;
@@ -198,6 +209,20 @@ impl LazyMemory {
     pub fn set_prefetch(&self, on: bool) {
         let _ = self.control.send(Control::Prefetch(on));
         let _ = self.wake.write(1);
+    }
+}
+
+impl Drop for LazyMemory {
+    /// Stops the handler before guest memory can go: a handler that
+    /// outlived it could copy into whatever is mapped at those addresses
+    /// next (UFFDIO_COPY checks only that the range is registered with
+    /// some userfaultfd).
+    fn drop(&mut self) {
+        let _ = self.control.send(Control::Stop);
+        let _ = self.wake.write(1);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -213,7 +238,10 @@ struct Handler {
     reader: Arc<Reader>,
     buf: Vec<u8>,
     loaded: Vec<bool>,
-    missing: usize,
+    /// Data (non-zero) blocks not loaded yet.
+    data_missing: usize,
+    /// Guest memory is unregistered from the userfaultfd: no more faults.
+    released: bool,
     next_prefetch: usize,
     prefetch: bool,
     stats: Arc<LoaderStats>,
@@ -225,12 +253,18 @@ const IDLE_POLL: Duration = Duration::from_millis(500);
 
 impl Handler {
     fn run(mut self, control: &Receiver<Control>, wake: &EventFd) -> Result<(), String> {
+        // A checkpoint of zero blocks only has nothing to load.
+        self.release_when_done()?;
         let mut fds = [
             libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         loop {
-            let busy = self.prefetch && self.missing > 0;
+            if self.released {
+                // A negative fd is ignored by poll: no faults come any more.
+                fds[0].fd = -1;
+            }
+            let busy = self.prefetch && self.data_missing > 0;
             let timeout = if busy { 0 } else { IDLE_POLL.as_millis() as libc::c_int };
             // SAFETY: `fds` is a valid array of two pollfds for the call.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
@@ -256,12 +290,13 @@ impl Handler {
                         }
                     }
                     Ok(Control::Prefetch(on)) => self.prefetch = on,
+                    Ok(Control::Stop) => return Ok(()),
                     Err(std::sync::mpsc::TryRecvError::Empty) => break,
                     // The VMM is gone; so is the guest.
                     Err(std::sync::mpsc::TryRecvError::Disconnected) => return Ok(()),
                 }
             }
-            if self.prefetch && self.missing > 0 {
+            if self.prefetch && self.data_missing > 0 {
                 self.prefetch_one()?;
             }
         }
@@ -269,7 +304,9 @@ impl Handler {
 
     /// Serves every fault queued on the userfaultfd.
     fn serve_faults(&mut self) -> Result<(), String> {
-        loop {
+        // After the release, the memory is no longer registered: an event
+        // still queued is stale (unregistering woke its vCPU).
+        while !self.released {
             let event = match self.uffd.read_event() {
                 Ok(Some(event)) => event,
                 Ok(None) => return Ok(()),
@@ -292,27 +329,56 @@ impl Handler {
                 let _ = self.uffd.wake(page as *mut libc::c_void, 4096);
                 continue;
             }
-            self.load(block)?;
+            // Counted before the copy wakes the vCPU, so a report taken
+            // after the access includes it.
             self.stats.blocks_on_fault.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn prefetch_one(&mut self) -> Result<(), String> {
-        while self.next_prefetch < self.loaded.len() && self.loaded[self.next_prefetch] {
-            self.next_prefetch += 1;
-        }
-        if self.next_prefetch < self.loaded.len() {
-            self.load(self.next_prefetch)?;
-            self.stats.blocks_prefetched.fetch_add(1, Ordering::Relaxed);
+            self.load(block)?;
         }
         Ok(())
     }
 
+    /// Loads the next data block not in yet (zero blocks are left to the
+    /// release).
+    fn prefetch_one(&mut self) -> Result<(), String> {
+        while self.next_prefetch < self.loaded.len() && !self.wants_prefetch(self.next_prefetch) {
+            self.next_prefetch += 1;
+        }
+        if self.next_prefetch < self.loaded.len() {
+            self.stats.blocks_prefetched.fetch_add(1, Ordering::Relaxed);
+            self.load(self.next_prefetch)?;
+        }
+        Ok(())
+    }
+
+    fn wants_prefetch(&self, block: usize) -> bool {
+        !self.loaded[block] && self.reader.block_info(block).is_some_and(|info| info.kind != BlockKind::Zero)
+    }
+
     fn load_all(&mut self) -> Result<(), String> {
-        while self.missing > 0 {
+        while self.data_missing > 0 {
             self.serve_faults()?;
             self.prefetch_one()?;
         }
+        Ok(())
+    }
+
+    /// Once every data block is in, unregisters guest memory from the
+    /// userfaultfd: what is still missing lies in zero blocks, which the
+    /// kernel fills with zeros on first touch. Unregistering wakes any
+    /// vCPU waiting on such a page.
+    fn release_when_done(&mut self) -> Result<(), String> {
+        if self.released || self.data_missing > 0 {
+            return Ok(());
+        }
+        for region in &self.regions {
+            self.uffd
+                .unregister(region.host as *mut libc::c_void, region.len)
+                .map_err(|e| format!("cannot release guest memory at {:#x} from userfaultfd: {e}", region.gpa))?;
+        }
+        self.released = true;
+        let ms = self.started.elapsed().as_millis().max(1) as u64;
+        self.stats.resident_after_ms.store(ms, Ordering::Relaxed);
+        log::info!("guest memory data fully loaded after {ms} ms; zero pages left to the kernel");
         Ok(())
     }
 
@@ -348,13 +414,10 @@ impl Handler {
             copy_in(&self.uffd, data, host)?;
         }
         self.loaded[block] = true;
-        self.missing -= 1;
-        if self.missing == 0 {
-            let ms = self.started.elapsed().as_millis().max(1) as u64;
-            self.stats.resident_after_ms.store(ms, Ordering::Relaxed);
-            log::info!("guest memory fully resident after {ms} ms");
+        if info.kind != BlockKind::Zero {
+            self.data_missing -= 1;
         }
-        Ok(())
+        self.release_when_done()
     }
 
     fn zero(&self, host: usize, len: usize) -> Result<(), String> {
@@ -410,4 +473,97 @@ pub fn load_eager(mem: &GuestMemoryMmap, reader: &Reader) -> Result<(), UffdErro
         Ok(())
     };
     reader.read_all_parallel(0, &sink).map_err(|e| UffdError::Load(error_chain(&e)))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The handler serves faults from this process's own threads the same
+    //! way it serves KVM's: a read of a missing page blocks until the
+    //! handler copies its memory block in.
+    use std::sync::mpsc::Receiver;
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::checkpoint::{write_checkpoint, ImageSource, WriterOptions};
+
+    const MEM: usize = 1 << 20;
+    const BLOCK: usize = 16 << 10;
+
+    /// 1 MiB: data in blocks 1, 2 and 40..44 (one page of block 2 only),
+    /// the rest zero.
+    fn image() -> Vec<u8> {
+        let mut image = vec![0u8; MEM];
+        for (i, b) in image[BLOCK..2 * BLOCK].iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        image[2 * BLOCK + 3 * 4096 + 5] = 0x5a;
+        for (i, b) in image[40 * BLOCK..44 * BLOCK].iter_mut().enumerate() {
+            *b = (i / 7) as u8 ^ 0xc3;
+        }
+        image
+    }
+
+    fn lazy(prefetch: bool) -> (tempfile::TempDir, Vec<u8>, GuestMemoryMmap, LazyMemory, Receiver<MemoryFailure>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("mem.ckpt");
+        let image = image();
+        let options = WriterOptions { memory_block_size: BLOCK as u32, storage_block_size: 4 * BLOCK as u32, level: 1, threads: 1 };
+        write_checkpoint(&path, &ImageSource::new(vec![(0, &image[..])]), &options, &mut |_, _| {}).expect("writes");
+        let reader = Arc::new(Reader::open(&path).expect("opens"));
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory");
+        let (failures, failed) = channel();
+        let lazy = LazyMemory::start(&mem, reader, prefetch, failures).expect("userfaultfd (run as root)");
+        (dir, image, mem, lazy, failed)
+    }
+
+    fn read(mem: &GuestMemoryMmap, addr: usize, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        mem.read_slice(&mut buf, GuestAddress(addr as u64)).expect("read");
+        buf
+    }
+
+    #[test]
+    fn a_fault_loads_the_whole_block_that_holds_the_page() {
+        let (_dir, image, mem, lazy, failed) = lazy(false);
+        // One byte in the middle of block 40 brings in all of block 40.
+        assert_eq!(read(&mem, 40 * BLOCK + 5000, 1)[0], image[40 * BLOCK + 5000]);
+        let report = lazy.stats();
+        assert_eq!(report.faults, 1);
+        assert_eq!(report.blocks_on_fault, 1);
+        assert_eq!(read(&mem, 40 * BLOCK, BLOCK), image[40 * BLOCK..41 * BLOCK]);
+        assert_eq!(lazy.stats().faults, 1, "the rest of the block was in already");
+        // A zero block reads as zeros.
+        assert!(read(&mem, 10 * BLOCK, BLOCK).iter().all(|&b| b == 0));
+        assert_eq!(lazy.stats().resident_after_ms, None, "data blocks are still missing");
+        assert!(failed.try_recv().is_err());
+    }
+
+    #[test]
+    fn once_every_data_block_is_in_zero_blocks_are_left_to_the_kernel() {
+        let (_dir, image, mem, lazy, failed) = lazy(false);
+        lazy.load_all().expect("loads");
+        let report = lazy.stats();
+        assert_eq!(report.blocks_prefetched, 6, "blocks 1, 2 and 40..44: {report:?}");
+        assert!(report.resident_after_ms.is_some());
+        // Memory is released from the userfaultfd: reading all of it,
+        // zero blocks included, takes no more faults.
+        assert_eq!(read(&mem, 0, MEM), image);
+        assert_eq!(lazy.stats().faults, report.faults);
+        assert!(failed.try_recv().is_err());
+    }
+
+    #[test]
+    fn prefetch_loads_the_data_in_the_background() {
+        let (_dir, image, mem, lazy, failed) = lazy(true);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while lazy.stats().resident_after_ms.is_none() {
+            assert!(Instant::now() < deadline, "prefetch did not finish: {:?}", lazy.stats());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(read(&mem, 0, MEM), image);
+        let report = lazy.stats();
+        assert_eq!(report.blocks_prefetched + report.blocks_on_fault, 6, "{report:?}");
+        assert!(failed.try_recv().is_err());
+    }
 }

@@ -693,6 +693,7 @@ impl Vcpu {
     /// One message naming the exit, RIP, the instruction bytes there, and
     /// what a kvm_pvm host means for it.
     fn describe_failure(&mut self, exit: Exit, mem: &GuestMemoryMmap) -> String {
+        let triple_fault = matches!(exit, Exit::TripleFault);
         let what = match exit {
             Exit::TripleFault => "triple fault (KVM_EXIT_SHUTDOWN)".to_string(),
             Exit::InternalError => {
@@ -716,6 +717,12 @@ impl Vcpu {
         };
         let mut msg = format!("vCPU {} stopped: {what}", self.index);
         match self.fd.get_regs() {
+            Ok(regs) if triple_fault && self.in_reset_state(&regs) => {
+                // KVM on AMD re-initialises the vCPU after a shutdown
+                // intercept: what is left is the reset vector, not the
+                // faulting RIP.
+                msg.push_str(" (KVM reset the vCPU on this exit, so the faulting RIP is lost)");
+            }
             Ok(regs) => {
                 msg.push_str(&format!(" at RIP {:#x}", regs.rip));
                 if let Some(bytes) = self.instruction_bytes(regs.rip, mem) {
@@ -732,6 +739,12 @@ impl Vcpu {
             );
         }
         msg
+    }
+
+    /// Whether the vCPU holds the x86 reset state (CS:IP F000:FFF0).
+    fn in_reset_state(&self, regs: &kvm_regs) -> bool {
+        regs.rip == 0xfff0
+            && self.fd.get_sregs().is_ok_and(|sregs| sregs.cs.selector == 0xf000 && sregs.cs.base == 0xffff_0000)
     }
 
     fn instruction_bytes(&self, rip: u64, mem: &GuestMemoryMmap) -> Option<[u8; 15]> {
