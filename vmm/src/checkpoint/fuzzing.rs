@@ -143,20 +143,25 @@ mod tests {
     use crate::checkpoint::source::ImageSource;
     use crate::checkpoint::writer::{write_checkpoint, WriterOptions};
 
-    #[test]
-    fn repair_checksums_makes_a_patched_header_pass_its_checksum() {
+    /// The bytes of a checkpoint of `image` with 4 KiB memory blocks and
+    /// 8 KiB storage blocks.
+    fn small_checkpoint(image: &[u8]) -> Vec<u8> {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("c");
-        let image = vec![1u8; 3 * 4096];
         let options = WriterOptions {
             memory_block_size: 4096,
             storage_block_size: 8192,
             level: 1,
             threads: 1,
         };
-        write_checkpoint(&path, &ImageSource::flat(&image), &options, &mut |_, _| {})
+        write_checkpoint(&path, &ImageSource::flat(image), &options, &mut |_, _| {})
             .expect("writes");
-        let mut bytes = std::fs::read(&path).expect("reads");
+        std::fs::read(&path).expect("reads")
+    }
+
+    #[test]
+    fn repair_checksums_makes_a_patched_header_pass_its_checksum() {
+        let mut bytes = small_checkpoint(&vec![1u8; 3 * 4096]);
         // Raise the storage block size: still valid once checksums agree.
         bytes[20..24].copy_from_slice(&16384u32.to_le_bytes());
         let open = |b: &[u8]| {
@@ -173,20 +178,10 @@ mod tests {
         read_untrusted(&[]);
         read_untrusted(b"STASISCK");
         read_untrusted(&[0xff; 5000]);
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("c");
         let mut image = vec![0u8; 8 * 4096];
         image[4096..8192].fill(3);
         image[9000] = 1;
-        let options = WriterOptions {
-            memory_block_size: 4096,
-            storage_block_size: 8192,
-            level: 1,
-            threads: 1,
-        };
-        write_checkpoint(&path, &ImageSource::flat(&image), &options, &mut |_, _| {})
-            .expect("writes");
-        let valid = std::fs::read(&path).expect("reads");
+        let valid = small_checkpoint(&image);
         read_untrusted(&valid);
         // A damaged length field behind a repaired checksum must still be
         // refused cleanly.
