@@ -153,10 +153,15 @@ fn kvm_device_without_permission_is_refused() {
     std::fs::write(&fake, b"").expect("write");
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let kernel = repo_root().join(vmlinux());
+    // The unprivileged user may not reach into the checkout (a clone under
+    // a 0700 directory): give it its own copies of the binary and kernel.
+    let kernel = dir.path().join("vmlinux");
+    std::fs::copy(repo_root().join(vmlinux()), &kernel).expect("copy the kernel");
+    let bin = dir.path().join("stasis");
+    std::fs::copy(stasis_bin(), &bin).expect("copy stasis");
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(stasis_bin())
+        .arg(&bin)
         .args(["boot", "--kernel"])
         .arg(&kernel)
         .env("STASIS_KVM_DEVICE", &fake)
