@@ -8,6 +8,7 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod cmos;
 pub mod legacy;
+pub mod virtio;
 
 use std::sync::mpsc::Sender;
 

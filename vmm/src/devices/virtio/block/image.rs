@@ -1,0 +1,1 @@
+//! Disk image files: opening, locking, copying. (Being written.)

@@ -1,0 +1,1 @@
+//! Device threads. (Being written.)
