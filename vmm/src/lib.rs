@@ -12,6 +12,7 @@ pub mod layout;
 pub mod persist;
 pub mod restore;
 pub mod terminal;
+pub mod vmm;
 pub mod vstate;
 
 /// An error and its sources on one line: `what failed: why: deeper why`.

@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use stasis::api::{self, AfterSnapshot, ApiRequest};
-use stasis::builder::{self, GuestExit, MemoryMode, RestoreReport};
+use stasis::builder::{self, MemoryMode};
+use stasis::vmm::{GuestExit, RestoreReport};
 use stasis::config::{parse_size, ConfigError, VmConfig};
 use stasis::error_chain;
 
