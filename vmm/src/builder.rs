@@ -290,9 +290,9 @@ fn build_devices(
     let serial = Arc::new(Mutex::new(serial));
     let cmos = Arc::new(Mutex::new(cmos));
     let mut bus = PioBus::new();
-    bus.insert(serial.clone(), ports::COM1, 8)?;
-    bus.insert(Arc::new(Mutex::new(I8042::new(events.clone()))), ports::I8042_DATA, 5)?;
-    bus.insert(Arc::new(Mutex::new(AcpiPm::new(events.clone()))), ports::ACPI_SLEEP_CONTROL, 3)?;
-    bus.insert(cmos.clone(), ports::CMOS, 2)?;
+    bus.insert(serial.clone(), ports::COM1.into(), 8)?;
+    bus.insert(Arc::new(Mutex::new(I8042::new(events.clone()))), ports::I8042_DATA.into(), 5)?;
+    bus.insert(Arc::new(Mutex::new(AcpiPm::new(events.clone()))), ports::ACPI_SLEEP_CONTROL.into(), 3)?;
+    bus.insert(cmos.clone(), ports::CMOS.into(), 2)?;
     Ok(Devices { bus: Arc::new(bus), serial, cmos })
 }

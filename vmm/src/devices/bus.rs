@@ -1,4 +1,6 @@
-//! The port I/O bus: maps port ranges to devices.
+//! The buses that route guest accesses to devices: port I/O (the legacy
+//! devices) and MMIO (the virtio-mmio transports). Both map address ranges
+//! to devices; they differ only in the width of an address.
 
 use std::sync::{Arc, Mutex};
 
@@ -10,50 +12,60 @@ pub trait PioDevice: Send {
     fn write(&mut self, offset: u16, data: &[u8]);
 }
 
-struct Range {
-    base: u16,
-    len: u16,
-    device: Arc<Mutex<dyn PioDevice>>,
+/// A device on the MMIO bus. `offset` is relative to the device's base.
+pub trait MmioDevice: Send {
+    /// Guest reads `data.len()` bytes at `offset`.
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// Guest writes `data` at `offset`.
+    fn write(&mut self, offset: u64, data: &[u8]);
 }
 
-/// Errors while building the bus.
+struct Range<D: ?Sized> {
+    base: u64,
+    len: u64,
+    device: Arc<Mutex<D>>,
+}
+
+/// Errors while building a bus.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
-    /// Two devices claim the same ports.
-    #[error("port range {base:#x}+{len} overlaps a device already on the bus")]
+    /// Two devices claim the same addresses.
+    #[error("address range {base:#x}+{len} overlaps a device already on the bus")]
     Overlap {
         /// Base of the new range.
-        base: u16,
+        base: u64,
         /// Its length.
-        len: u16,
+        len: u64,
     },
 }
 
-/// Port I/O bus. Accesses to ports without a device read as all ones and
-/// writes to them are dropped, as on real hardware.
-#[derive(Default)]
-pub struct PioBus {
-    ranges: Vec<Range>,
+/// A bus of devices of kind `D`. Accesses where no device is read as all
+/// ones and writes there are dropped, as on real hardware.
+pub struct Bus<D: ?Sized> {
+    ranges: Vec<Range<D>>,
 }
 
-impl PioBus {
+/// The port I/O bus.
+pub type PioBus = Bus<dyn PioDevice>;
+/// The MMIO bus.
+pub type MmioBus = Bus<dyn MmioDevice>;
+
+impl<D: ?Sized> Default for Bus<D> {
+    fn default() -> Self {
+        Bus { ranges: Vec::new() }
+    }
+}
+
+impl<D: ?Sized> Bus<D> {
     /// An empty bus.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Places `device` on ports `base..base + len`.
-    pub fn insert(
-        &mut self,
-        device: Arc<Mutex<dyn PioDevice>>,
-        base: u16,
-        len: u16,
-    ) -> Result<(), BusError> {
-        let end = u32::from(base) + u32::from(len);
-        let overlaps = self.ranges.iter().any(|r| {
-            let r_end = u32::from(r.base) + u32::from(r.len);
-            u32::from(base) < r_end && u32::from(r.base) < end
-        });
+    /// Places `device` at `base..base + len`.
+    pub fn insert(&mut self, device: Arc<Mutex<D>>, base: u64, len: u64) -> Result<(), BusError> {
+        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let overlaps = self.ranges.iter().any(|r| base < r.base + r.len && r.base < end);
         if overlaps || len == 0 {
             return Err(BusError::Overlap { base, len });
         }
@@ -61,36 +73,51 @@ impl PioBus {
         Ok(())
     }
 
-    fn find(&self, port: u16) -> Option<(&Range, u16)> {
+    /// The device at `addr` and the offset into it.
+    fn find(&self, addr: u64) -> Option<(&Mutex<D>, u64)> {
         self.ranges
             .iter()
-            .find(|r| port >= r.base && u32::from(port) < u32::from(r.base) + u32::from(r.len))
-            .map(|r| (r, port - r.base))
+            .find(|r| addr >= r.base && addr - r.base < r.len)
+            .map(|r| (&*r.device, addr - r.base))
     }
+}
 
+impl PioBus {
     /// Dispatches a guest read; returns whether a device took it.
     pub fn read(&self, port: u16, data: &mut [u8]) -> bool {
-        match self.find(port) {
-            Some((range, offset)) => {
-                lock(&range.device).read(offset, data);
-                true
-            }
-            None => {
-                data.fill(0xff);
-                false
-            }
-        }
+        let Some((device, offset)) = self.find(port.into()) else {
+            data.fill(0xff);
+            return false;
+        };
+        // The offset is below the range length, itself a port count.
+        lock(device).read(offset as u16, data);
+        true
     }
 
     /// Dispatches a guest write; returns whether a device took it.
     pub fn write(&self, port: u16, data: &[u8]) -> bool {
-        match self.find(port) {
-            Some((range, offset)) => {
-                lock(&range.device).write(offset, data);
-                true
-            }
-            None => false,
-        }
+        let Some((device, offset)) = self.find(port.into()) else { return false };
+        lock(device).write(offset as u16, data);
+        true
+    }
+}
+
+impl MmioBus {
+    /// Dispatches a guest read; returns whether a device took it.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        let Some((device, offset)) = self.find(addr) else {
+            data.fill(0xff);
+            return false;
+        };
+        lock(device).read(offset, data);
+        true
+    }
+
+    /// Dispatches a guest write; returns whether a device took it.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        let Some((device, offset)) = self.find(addr) else { return false };
+        lock(device).write(offset, data);
+        true
     }
 }
 
@@ -137,6 +164,28 @@ mod tests {
         assert!(!bus.read(0xcf8, &mut buf));
         assert_eq!(buf, [0xff; 4]);
         assert!(!bus.write(0x80, &[1]));
+    }
+
+    #[test]
+    fn mmio_bus_routes_by_64_bit_address() {
+        #[derive(Default)]
+        struct Cell(u64);
+        impl MmioDevice for Cell {
+            fn read(&mut self, offset: u64, data: &mut [u8]) {
+                data.fill((offset + self.0) as u8);
+            }
+            fn write(&mut self, _offset: u64, data: &[u8]) {
+                self.0 = u64::from(data[0]);
+            }
+        }
+        let mut bus = MmioBus::new();
+        bus.insert(Arc::new(Mutex::new(Cell::default())), 0xd000_0000, 0x1000).expect("insert");
+        assert!(bus.write(0xd000_0000, &[7]));
+        let mut buf = [0u8; 4];
+        assert!(bus.read(0xd000_0010, &mut buf));
+        assert_eq!(buf, [0x17; 4]);
+        assert!(!bus.read(0xd000_1000, &mut buf));
+        assert_eq!(buf, [0xff; 4]);
     }
 
     #[test]
