@@ -2,11 +2,16 @@
 //! and resets (a hardware-reduced FADT with sleep control, sleep status and
 //! reset registers on I/O ports, and an `\_S5_` object in the DSDT).
 //!
+//! Virtio devices are in the DSDT the way QEMU's x86 `microvm` machine
+//! describes them: a `LNRO0005` device each, with its MMIO window and
+//! interrupt, which Linux's virtio_mmio driver binds to (Debian's kernels
+//! have no `virtio_mmio.device=` command-line support).
+//!
 //! Tables are laid out one after another from `layout::ACPI_START`, RSDP
 //! first (a 16-byte aligned spot in 0xe0000..0x100000, where Linux also
 //! scans for it), then XSDT, FADT, DSDT and MADT.
 
-use acpi_tables::aml::{Device, EISAName, Interrupt, Name, Package, Path, ResourceTemplate, IO};
+use acpi_tables::aml::{Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, IO};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
@@ -46,11 +51,23 @@ fn bytes_of(aml: &dyn Aml) -> Vec<u8> {
     out
 }
 
-/// The DSDT: `\_S5_`, which tells the guest the SLP_TYP for power-off, and
-/// COM1 with its port range and interrupt. A hardware-reduced platform has
-/// no legacy IRQs, so without this entry the guest cannot map IRQ 4 and
-/// `/dev/ttyS0` fails to open.
-pub fn dsdt() -> Vec<u8> {
+/// A virtio-mmio device as the DSDT describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioMmioSlot {
+    /// Base of its register window.
+    pub base: u64,
+    /// Bytes of the window.
+    pub size: u64,
+    /// Its interrupt line (GSI).
+    pub gsi: u32,
+}
+
+/// The DSDT: `\_S5_`, which tells the guest the SLP_TYP for power-off,
+/// COM1 with its port range and interrupt, and one `LNRO0005` device per
+/// virtio-mmio slot. A hardware-reduced platform has no legacy IRQs, so
+/// without the COM1 entry the guest cannot map IRQ 4 and `/dev/ttyS0`
+/// fails to open.
+pub fn dsdt(virtio: &[VirtioMmioSlot]) -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let s5 = Name::new(Path::new("_S5_"), &Package::new(vec![&S5_SLEEP_TYPE]));
     dsdt.append_slice(&bytes_of(&s5));
@@ -64,7 +81,25 @@ pub fn dsdt() -> Vec<u8> {
     let crs = Name::new(Path::new("_CRS"), &resources);
     let com1 = Device::new(Path::new("_SB_.COM1"), vec![&hid, &uid, &crs]);
     dsdt.append_slice(&bytes_of(&com1));
+    for (index, slot) in virtio.iter().enumerate() {
+        dsdt.append_slice(&virtio_device(index, slot));
+    }
     dsdt.as_slice().to_vec()
+}
+
+/// `Device (_SB_.Vnnn) { _HID "LNRO0005", _UID n, _CRS { Memory32Fixed,
+/// Interrupt } }`: edge-triggered, since the line is an irqfd that KVM
+/// pulses.
+fn virtio_device(index: usize, slot: &VirtioMmioSlot) -> Vec<u8> {
+    let name = format!("_SB_.V{index:03X}");
+    // The window lies in the 32-bit MMIO gap (checked in layout.rs).
+    let window = Memory32Fixed::new(true, slot.base as u32, slot.size as u32);
+    let irq = Interrupt::new(true, true, false, false, slot.gsi);
+    let resources = ResourceTemplate::new(vec![&window, &irq]);
+    let hid = Name::new(Path::new("_HID"), &"LNRO0005");
+    let uid = Name::new(Path::new("_UID"), &(index as u32));
+    let crs = Name::new(Path::new("_CRS"), &resources);
+    bytes_of(&Device::new(Path::new(&name), vec![&hid, &uid, &crs]))
 }
 
 /// The FADT of a hardware-reduced platform, pointing at `dsdt_addr`.
@@ -99,15 +134,16 @@ pub fn madt(vcpus: u8) -> Vec<u8> {
     bytes_of(&madt)
 }
 
-/// Writes RSDP, XSDT, FADT, DSDT and MADT; returns the RSDP's address.
-pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, AcpiError> {
+/// Writes RSDP, XSDT, FADT, DSDT (with `virtio` devices) and MADT; returns
+/// the RSDP's address.
+pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8, virtio: &[VirtioMmioSlot]) -> Result<GuestAddress, AcpiError> {
     let align = |addr: u64| addr.next_multiple_of(16);
     let rsdp_addr = layout::ACPI_START;
     let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
     // One XSDT entry each for FADT and MADT (the DSDT hangs off the FADT).
     let xsdt_len = 36 + 2 * 8;
     let dsdt_addr = align(xsdt_addr + xsdt_len);
-    let dsdt = dsdt();
+    let dsdt = dsdt(virtio);
     let fadt_addr = align(dsdt_addr + dsdt.len() as u64);
     let fadt = fadt(dsdt_addr);
     let madt_addr = align(fadt_addr + fadt.len() as u64);
@@ -194,7 +230,7 @@ mod tests {
 
     #[test]
     fn dsdt_declares_s5() {
-        let table = dsdt();
+        let table = dsdt(&[]);
         assert_eq!(&table[..4], b"DSDT");
         assert!(checksum_ok(&table));
         assert_eq!(length_field(&table), table.len());
@@ -208,9 +244,32 @@ mod tests {
     }
 
     #[test]
+    fn dsdt_describes_each_virtio_device_with_window_and_interrupt() {
+        let slots = [
+            VirtioMmioSlot { base: 0xd000_0000, size: 0x1000, gsi: 5 },
+            VirtioMmioSlot { base: 0xd000_1000, size: 0x1000, gsi: 6 },
+        ];
+        let table = dsdt(&slots);
+        assert!(checksum_ok(&table));
+        assert_eq!(length_field(&table), table.len());
+        let body = &table[36..];
+        assert_eq!(body.windows(8).filter(|w| w == b"LNRO0005").count(), 2);
+        // Memory32Fixed: 0x86, length 9, read-write, base, size.
+        for (base, gsi) in [(0xd000_0000u32, 5u8), (0xd000_1000, 6)] {
+            let mut window = vec![0x86, 0x09, 0x00, 0x01];
+            window.extend_from_slice(&base.to_le_bytes());
+            window.extend_from_slice(&0x1000u32.to_le_bytes());
+            assert!(body.windows(window.len()).any(|w| w == window.as_slice()), "no window at {base:#x}");
+            // Extended interrupt: 0x89, length 6, flags (consumer, edge), 1 line, GSI.
+            let irq = [0x89, 0x06, 0x00, 0x03, 0x01, gsi, 0, 0, 0];
+            assert!(body.windows(irq.len()).any(|w| w == irq), "no interrupt {gsi}");
+        }
+    }
+
+    #[test]
     fn write_tables_places_rsdp_pointing_at_xsdt() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mem");
-        let rsdp = write_tables(&mem, 2).expect("tables");
+        let rsdp = write_tables(&mem, 2, &[]).expect("tables");
         let mut head = [0u8; 36];
         mem.read_slice(&mut head, rsdp).expect("read");
         assert_eq!(&head[..8], b"RSD PTR ");

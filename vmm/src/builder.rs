@@ -3,12 +3,14 @@
 //! ending in a [`Vmm`] (see [`crate::vmm`]) whose [`Vmm::run`] serves the
 //! VM until it ends.
 
-use std::path::Path;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::acpi::{self, AcpiError};
@@ -16,16 +18,23 @@ use crate::boot::{self, BootError, BootParamsInput, InitrdImage, KernelImage};
 use crate::checkpoint::{self, Reader, ReaderOptions};
 use crate::config::VmConfig;
 use crate::devices::acpi_pm::AcpiPm;
-use crate::devices::bus::{BusError, PioBus};
+use crate::devices::bus::{BusError, MmioBus, PioBus};
+use crate::devices::virtio::block::image::{copy_sparse, DiskError, DiskImage, FileIdentity};
+use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::mmio::{MmioError, MmioState, MmioTransport, NOTIFY_OFFSET};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::thread::DeviceThread;
+use crate::devices::virtio::vsock::{Vsock, VsockError};
+use crate::devices::virtio::{DeviceState, Interrupt, VirtioDevice};
 use crate::devices::cmos::{Cmos, CmosStateError, HostClock};
 use crate::devices::legacy::{I8042, IrqTrigger, SerialDevice, SerialStateError};
 use crate::layout::{self, ports};
-use crate::persist::{self, MachineConfig, PersistError, SnapshotState};
+use crate::persist::{self, MachineConfig, PersistError, SnapshotState, VirtioBackend};
 use crate::restore::uffd::{self, LazyMemory, UffdError};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{self, supported_cpuid, Vcpu, VcpuError};
 use crate::vstate::vm::{self, VmError, VmStateError};
-use crate::vmm::{Console, Devices, VmEvent, Vmm};
+use crate::vmm::{Console, Devices, SlotBackend, VirtioSlot, VmEvent, Vmm, WorkingDisks};
 
 /// Errors while building a VM, for boot or from a snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +86,36 @@ pub enum BuildError {
     /// An eventfd for an interrupt line.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    /// A disk image.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// A saved disk does not fit its image.
+    #[error("disk {0}")]
+    Block(String, #[source] BlockError),
+    /// The vsock device.
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    /// A virtio transport.
+    #[error("virtio device {0}")]
+    Mmio(usize, #[source] MmioError),
+    /// A queue notification could not be routed to its device thread.
+    #[error("cannot connect the notifications of virtio device {0}")]
+    RegisterIoevent(usize, #[source] kvm_ioctls::Error),
+    /// A device thread could not be started.
+    #[error("cannot start thread {0}")]
+    SpawnThread(String, #[source] std::io::Error),
+    /// A saved device's state is not the kind its backend says.
+    #[error("saved virtio device {0} is inconsistent: {1}")]
+    BadDevice(usize, String),
+    /// The working copy of a saved disk could not be made.
+    #[error("cannot copy disk {0} to {1}")]
+    CopyDisk(PathBuf, PathBuf, #[source] std::io::Error),
+    /// The directory for working copies of disks could not be used.
+    #[error("cannot use {0} for the restored VM's disks")]
+    DiskDir(PathBuf, #[source] std::io::Error),
+    /// `--disk-source original`, and the original changed since.
+    #[error("disk {0} changed since the snapshot (size, modification time or inode differ); restore from the snapshot's copy instead")]
+    DiskChanged(PathBuf),
 }
 
 /// How guest memory comes back on restore.
@@ -91,6 +130,106 @@ pub enum MemoryMode {
     Eager,
 }
 
+/// Where a restored VM's disks come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskSource {
+    /// A working copy of each disk the snapshot holds, in `dir` (kept) or,
+    /// without one, in a temporary directory removed when the VM ends.
+    Copy {
+        /// Where the copies go.
+        dir: Option<PathBuf>,
+    },
+    /// The images the snapshotted VM had open, if they did not change
+    /// since (size, modification time, inode).
+    Original,
+}
+
+/// How to restore a snapshot.
+#[derive(Clone, Debug)]
+pub struct RestoreOptions {
+    /// How memory comes back.
+    pub memory: MemoryMode,
+    /// Where the disks come from.
+    pub disks: DiskSource,
+    /// The vsock device's host socket, if not the saved one.
+    pub vsock_uds: Option<PathBuf>,
+}
+
+/// A virtio device before the VM exists: opened, locked, bound, so bad
+/// input is reported before KVM is touched.
+struct PendingDevice {
+    device: Box<dyn VirtioDevice>,
+    backend: SlotBackend,
+    name: String,
+    saved: Option<MmioState>,
+}
+
+/// The devices `config` asks for, in slot order: disks (vda first), vsock,
+/// entropy.
+fn open_devices(config: &VmConfig) -> Result<Vec<PendingDevice>, BuildError> {
+    let mut pending = Vec::new();
+    for (index, disk) in config.disks.iter().enumerate() {
+        let image = DiskImage::open(&disk.path, disk.read_only)?;
+        let backend = block_backend(&image)?;
+        let block = Block::new(image, format!("stasis-disk{index}"));
+        pending.push(PendingDevice { device: Box::new(block), backend, name: format!("virtio-blk{index}"), saved: None });
+    }
+    if let Some(vsock) = &config.vsock {
+        let device = Vsock::new(vsock.guest_cid, &vsock.uds_path)?;
+        let backend = SlotBackend::Vsock { uds_path: vsock.uds_path.clone() };
+        pending.push(PendingDevice { device: Box::new(device), backend, name: "virtio-vsock".into(), saved: None });
+    }
+    if config.rng {
+        pending.push(PendingDevice { device: Box::new(Rng::new()), backend: SlotBackend::Rng, name: "virtio-rng".into(), saved: None });
+    }
+    Ok(pending)
+}
+
+/// A second handle on a disk image, for copying it into snapshots.
+fn block_backend(image: &DiskImage) -> Result<SlotBackend, BuildError> {
+    let file = image.file().try_clone().map_err(|e| BuildError::CopyDisk(image.path().into(), image.path().into(), e))?;
+    Ok(SlotBackend::Block { file, path: image.path().to_path_buf(), read_only: image.read_only() })
+}
+
+/// Where each pending device sits, for the ACPI tables.
+fn acpi_slots(count: usize) -> Vec<acpi::VirtioMmioSlot> {
+    (0..count)
+        .map(|index| {
+            let (base, gsi) = layout::virtio_slot(index);
+            acpi::VirtioMmioSlot { base, size: layout::VIRTIO_MMIO_SIZE, gsi }
+        })
+        .collect()
+}
+
+/// Puts each device behind a virtio-mmio transport at its slot: interrupt
+/// line through an irqfd, queue notifications through ioeventfds, and a
+/// device thread. Restored devices take their saved transport state, so
+/// this runs after the interrupt controllers are restored.
+fn attach_devices(vm: &VmFd, mem: &GuestMemoryMmap, pending: Vec<PendingDevice>) -> Result<(MmioBus, Vec<VirtioSlot>), BuildError> {
+    let mut bus = MmioBus::new();
+    let mut slots = Vec::with_capacity(pending.len());
+    for (index, p) in pending.into_iter().enumerate() {
+        let (base, gsi) = layout::virtio_slot(index);
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        vm.register_irqfd(&irq, gsi).map_err(|e| VmError::RegisterIrqfd(gsi, e))?;
+        let interrupt = Arc::new(Interrupt::new(Box::new(irq)));
+        let transport = match &p.saved {
+            None => MmioTransport::new(p.device, mem.clone(), interrupt),
+            Some(state) => MmioTransport::restore(p.device, mem.clone(), interrupt, state),
+        }
+        .map_err(|e| BuildError::Mmio(index, e))?;
+        for (queue, event) in transport.queue_events().iter().enumerate() {
+            vm.register_ioevent(event, &IoEventAddress::Mmio(base + NOTIFY_OFFSET), queue as u32)
+                .map_err(|e| BuildError::RegisterIoevent(index, e))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        bus.insert(transport.clone(), base, layout::VIRTIO_MMIO_SIZE)?;
+        let thread = DeviceThread::spawn(p.name.clone(), transport.clone()).map_err(|e| BuildError::SpawnThread(p.name, e))?;
+        slots.push(VirtioSlot { _thread: thread, transport, backend: p.backend });
+    }
+    Ok((bus, slots))
+}
+
 /// Builds a microVM from `config` with the kernel loaded and every vCPU at
 /// its 64-bit entry point.
 pub fn build_microvm_for_boot(config: &VmConfig) -> Result<Vmm, BuildError> {
@@ -102,6 +241,7 @@ pub fn build_microvm_for_boot(config: &VmConfig) -> Result<Vmm, BuildError> {
         Some(path) => Some(InitrdImage::open(path, config.mem_size)?),
         None => None,
     };
+    let pending = open_devices(config)?;
 
     let kvm = vm::open_kvm(&vm::kvm_path())?;
     vm::check_vcpu_limit(&kvm, config.vcpus)?;
@@ -116,7 +256,7 @@ pub fn build_microvm_for_boot(config: &VmConfig) -> Result<Vmm, BuildError> {
         None => None,
     };
     boot::write_cmdline(&mem, &config.cmdline)?;
-    let rsdp = acpi::write_tables(&mem, config.vcpus)?;
+    let rsdp = acpi::write_tables(&mem, config.vcpus, &acpi_slots(pending.len()))?;
     let params = boot::build_boot_params(&BootParamsInput {
         kernel: &loaded,
         cmdline_len: config.cmdline.len(),
@@ -132,6 +272,7 @@ pub fn build_microvm_for_boot(config: &VmConfig) -> Result<Vmm, BuildError> {
     let serial_irq = serial_irq(&vm)?;
     let serial = SerialDevice::new(IrqTrigger(serial_irq), std::io::stdout());
     let devices = build_devices(serial, Cmos::new(HostClock), &events_tx)?;
+    let (mmio, virtio) = attach_devices(&vm, &mem, pending)?;
 
     let supported = supported_cpuid(&kvm)?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
@@ -154,6 +295,9 @@ pub fn build_microvm_for_boot(config: &VmConfig) -> Result<Vmm, BuildError> {
         mem,
         machine: MachineConfig { mem_size: config.mem_size, vcpus: config.vcpus },
         devices,
+        mmio: Arc::new(mmio),
+        virtio,
+        _working_disks: None,
         pending_vcpus: vcpus,
         vcpus: Vec::new(),
         msr_indices,
@@ -167,30 +311,88 @@ pub fn build_microvm_for_boot(config: &VmConfig) -> Result<Vmm, BuildError> {
     })
 }
 
+/// The saved virtio devices, opened again: disks from `options.disks`,
+/// vsock on its saved (or the given) socket. Returns the devices in slot
+/// order and the working copies' directory.
+fn reopen_devices(
+    dir: &Path,
+    snapshot: &persist::SnapshotDir,
+    options: &RestoreOptions,
+) -> Result<(Vec<PendingDevice>, Option<WorkingDisks>), BuildError> {
+    let mut pending = Vec::new();
+    let mut working: Option<WorkingDisks> = None;
+    for (index, saved) in snapshot.state.virtio.iter().enumerate() {
+        let mismatch = |what: &str| BuildError::BadDevice(index, what.to_string());
+        let (device, backend, name): (Box<dyn VirtioDevice>, SlotBackend, String) = match (&saved.backend, &saved.state.device) {
+            (VirtioBackend::Block { file, original, original_identity, read_only }, DeviceState::Block(state)) => {
+                let disk = pending.iter().filter(|p: &&PendingDevice| matches!(p.backend, SlotBackend::Block { .. })).count();
+                let path = match &options.disks {
+                    DiskSource::Original => {
+                        let now = FileIdentity::of(original).map_err(|e| BuildError::CopyDisk(original.clone(), original.clone(), e))?;
+                        if &now != original_identity {
+                            return Err(BuildError::DiskChanged(original.clone()));
+                        }
+                        original.clone()
+                    }
+                    DiskSource::Copy { dir: keep } => {
+                        let source = snapshot.file(dir, file)?;
+                        let work = match &mut working {
+                            Some(w) => w,
+                            None => working.insert(WorkingDisks::create(keep.as_deref(), dir).map_err(|(p, e)| BuildError::DiskDir(p, e))?),
+                        };
+                        let target = work.dir().join(format!("disk{disk}.img"));
+                        let src = File::open(&source).map_err(|e| BuildError::CopyDisk(source.clone(), target.clone(), e))?;
+                        copy_sparse(&src, &target).map_err(|e| BuildError::CopyDisk(source.clone(), target.clone(), e))?;
+                        target
+                    }
+                };
+                let image = DiskImage::open(&path, *read_only)?;
+                let backend = block_backend(&image)?;
+                let block = Block::from_state(image, state).map_err(|e| BuildError::Block(path.display().to_string(), e))?;
+                (Box::new(block), backend, format!("virtio-blk{disk}"))
+            }
+            (VirtioBackend::Vsock { uds_path }, DeviceState::Vsock(state)) => {
+                let uds_path = options.vsock_uds.clone().unwrap_or_else(|| uds_path.clone());
+                let device = Vsock::from_state(state, &uds_path)?;
+                (Box::new(device), SlotBackend::Vsock { uds_path }, "virtio-vsock".into())
+            }
+            (VirtioBackend::Rng, DeviceState::Rng) => (Box::new(Rng::new()), SlotBackend::Rng, "virtio-rng".into()),
+            _ => return Err(mismatch("its backend and its state are of different kinds")),
+        };
+        pending.push(PendingDevice { device, backend, name, saved: Some(saved.state.transport.clone()) });
+    }
+    if let Some(w) = &working {
+        w.announce();
+    }
+    Ok((pending, working))
+}
+
 /// Rebuilds a microVM from the snapshot in `dir`, with its vCPUs, in-kernel
-/// devices and emulated devices in their saved state and memory loaded as
-/// `memory` says. `process_start` is when this process started, for the
-/// restore latency figure.
+/// devices and emulated devices in their saved state, memory loaded and
+/// disks opened as `options` say. `process_start` is when this process
+/// started, for the restore latency figure.
 pub fn build_microvm_from_snapshot(
     dir: &Path,
-    memory: MemoryMode,
+    options: &RestoreOptions,
     process_start: Instant,
 ) -> Result<Vmm, BuildError> {
+    let memory = options.memory;
     let phase = |what: &str| log::debug!("restore: {what} at {:.1} ms", process_start.elapsed().as_secs_f64() * 1000.0);
     // Everything from the files is read and checked before KVM is touched.
     let snapshot = persist::open_snapshot(dir)?;
-    let state: SnapshotState = snapshot.state;
     // Faults touch scattered blocks: each reads only its own block's stored
     // bytes, not the whole storage block around it (the checkpoint
     // benchmark: a warm 64 KiB block read is ~30 us alone, ~170 us when it
     // misses the storage-block cache and reads the 1 MiB around it).
-    let options = match memory {
+    let reader_options = match memory {
         MemoryMode::Lazy { .. } => ReaderOptions { cached_storage_blocks: 0, ..Default::default() },
         MemoryMode::Eager => ReaderOptions::default(),
     };
-    let reader = Reader::open_with(&snapshot.memory_path, options).map_err(BuildError::OpenCheckpoint)?;
-    check_checkpoint_layout(&reader, &state.machine)?;
-    phase("snapshot files read and checked");
+    let reader = Reader::open_with(&snapshot.memory_path, reader_options).map_err(BuildError::OpenCheckpoint)?;
+    check_checkpoint_layout(&reader, &snapshot.state.machine)?;
+    let (pending, working_disks) = reopen_devices(dir, &snapshot, options)?;
+    let state: SnapshotState = snapshot.state;
+    phase("snapshot files read and checked, devices opened");
 
     let kvm = vm::open_kvm(&vm::kvm_path())?;
     vm::check_vcpu_limit(&kvm, state.machine.vcpus)?;
@@ -234,6 +436,8 @@ pub fn build_microvm_from_snapshot(
     let serial = SerialDevice::from_state(IrqTrigger(serial_irq), std::io::stdout(), &state.devices.serial)?;
     let cmos = Cmos::from_state(HostClock, &state.devices.cmos)?;
     let devices = build_devices(serial, cmos, &events_tx)?;
+    let (mmio, virtio) = attach_devices(&vm, &mem, pending)?;
+    phase("devices restored");
 
     // The guest was stopped for as long as the snapshot sat on disk; tell
     // KVM so the guest's watchdogs do not take it for a lockup.
@@ -247,6 +451,9 @@ pub fn build_microvm_from_snapshot(
         mem,
         machine: state.machine,
         devices,
+        mmio: Arc::new(mmio),
+        virtio,
+        _working_disks: working_disks,
         pending_vcpus: vcpus,
         vcpus: Vec::new(),
         msr_indices,

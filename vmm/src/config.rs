@@ -16,6 +16,10 @@ pub const DEFAULT_MEMORY: u64 = 512 << 20;
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
 
 const PAGE_SIZE: u64 = 4096;
+/// Most disks a guest can have.
+pub const MAX_DISKS: usize = 8;
+/// Smallest guest CID: 0–2 are the hypervisor, loopback and the host.
+pub const MIN_GUEST_CID: u64 = 3;
 
 /// Errors in what the user asked for.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -35,6 +39,68 @@ pub enum ConfigError {
     /// vCPU count outside 1..=MAX_VCPUS.
     #[error("{0} vCPUs requested: the count must be between 1 and {MAX_VCPUS}")]
     VcpuCount(u64),
+    /// More disks than the machine takes.
+    #[error("{0} disks given: a VM takes at most {MAX_DISKS}")]
+    TooManyDisks(usize),
+    /// A `--disk` value that does not parse.
+    #[error("invalid --disk {0:?}: expected PATH or PATH,ro")]
+    DiskSpec(String),
+    /// A `--vsock` value that does not parse.
+    #[error("invalid --vsock {0:?}: expected CID,UDS_PATH (e.g. 3,/tmp/vm.vsock)")]
+    VsockSpec(String),
+    /// A guest CID below 3.
+    #[error("vsock guest CID {0} is reserved: the guest CID must be at least {MIN_GUEST_CID} (0-2 are the hypervisor, loopback and the host)")]
+    GuestCid(u64),
+}
+
+/// A disk image the guest sees as a virtio-blk device (`/dev/vda`, …).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The image file.
+    pub path: PathBuf,
+    /// The guest cannot write it.
+    pub read_only: bool,
+}
+
+impl DiskConfig {
+    /// Parses `PATH` or `PATH,ro` (`PATH,rw` is the default spelled out).
+    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+        let (path, read_only) = match spec.rsplit_once(',') {
+            Some((path, "ro")) => (path, true),
+            Some((path, "rw")) => (path, false),
+            _ => (spec, false),
+        };
+        if path.is_empty() {
+            return Err(ConfigError::DiskSpec(spec.to_string()));
+        }
+        Ok(DiskConfig { path: path.into(), read_only })
+    }
+}
+
+/// The guest's vsock device and the Unix socket its host side listens on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context ID.
+    pub guest_cid: u64,
+    /// Host programs connect here; guest connections to host port P go to
+    /// `UDS_PATH_P`.
+    pub uds_path: PathBuf,
+}
+
+impl VsockConfig {
+    /// Parses `CID,UDS_PATH`.
+    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::VsockSpec(spec.to_string());
+        let (cid, path) = spec.split_once(',').ok_or_else(bad)?;
+        let guest_cid: u64 = cid.trim().parse().map_err(|_| bad())?;
+        if path.is_empty() {
+            return Err(bad());
+        }
+        if guest_cid < MIN_GUEST_CID || guest_cid > u64::from(u32::MAX - 1) {
+            return Err(ConfigError::GuestCid(guest_cid));
+        }
+        Ok(VsockConfig { guest_cid, uds_path: path.into() })
+    }
 }
 
 /// The machine to build and the kernel to boot in it.
@@ -50,6 +116,12 @@ pub struct VmConfig {
     pub mem_size: u64,
     /// Number of vCPUs.
     pub vcpus: u8,
+    /// Disks, in the order the guest sees them (vda first).
+    pub disks: Vec<DiskConfig>,
+    /// The vsock device, if any.
+    pub vsock: Option<VsockConfig>,
+    /// Whether the guest gets a virtio-rng entropy device.
+    pub rng: bool,
 }
 
 impl VmConfig {
@@ -77,7 +149,22 @@ impl VmConfig {
             cmdline: cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
             mem_size,
             vcpus,
+            disks: Vec::new(),
+            vsock: None,
+            rng: false,
         })
+    }
+
+    /// Adds the virtio devices: `disks` (`PATH[,ro]` each), a vsock device
+    /// (`CID,UDS_PATH`) and an entropy device.
+    pub fn with_devices(mut self, disks: &[String], vsock: Option<&str>, rng: bool) -> Result<Self, ConfigError> {
+        if disks.len() > MAX_DISKS {
+            return Err(ConfigError::TooManyDisks(disks.len()));
+        }
+        self.disks = disks.iter().map(|d| DiskConfig::parse(d)).collect::<Result<_, _>>()?;
+        self.vsock = vsock.map(VsockConfig::parse).transpose()?;
+        self.rng = rng;
+        Ok(self)
     }
 }
 
@@ -151,6 +238,33 @@ mod tests {
         assert_eq!(config(512 << 20, 0), Err(ConfigError::VcpuCount(0)));
         assert_eq!(config(512 << 20, 33), Err(ConfigError::VcpuCount(33)));
         assert_eq!(config(512 << 20, 300), Err(ConfigError::VcpuCount(300)));
+    }
+
+    #[test]
+    fn disk_spec_takes_a_read_only_suffix() {
+        let d = DiskConfig::parse("a,b.img,ro").expect("valid");
+        assert_eq!((d.path, d.read_only), (PathBuf::from("a,b.img"), true));
+        assert!(!DiskConfig::parse("x.img").expect("valid").read_only);
+        assert!(!DiskConfig::parse("x.img,rw").expect("valid").read_only);
+        assert_eq!(DiskConfig::parse(",ro"), Err(ConfigError::DiskSpec(",ro".into())));
+    }
+
+    #[test]
+    fn nine_disks_are_refused() {
+        let disks: Vec<String> = (0..9).map(|i| format!("d{i}.img")).collect();
+        let err = config(512 << 20, 1).expect("valid").with_devices(&disks, None, true);
+        assert_eq!(err, Err(ConfigError::TooManyDisks(9)));
+    }
+
+    #[test]
+    fn vsock_spec_needs_a_cid_of_at_least_3_and_a_path() {
+        let v = VsockConfig::parse("3,/tmp/v.sock").expect("valid");
+        assert_eq!((v.guest_cid, v.uds_path), (3, PathBuf::from("/tmp/v.sock")));
+        assert_eq!(VsockConfig::parse("2,/tmp/v"), Err(ConfigError::GuestCid(2)));
+        assert_eq!(VsockConfig::parse("4294967295,/tmp/v"), Err(ConfigError::GuestCid(4294967295)));
+        for bad in ["3", "x,/tmp/v", "3,", ""] {
+            assert!(matches!(VsockConfig::parse(bad), Err(ConfigError::VsockSpec(_))), "{bad:?}");
+        }
     }
 
     #[test]

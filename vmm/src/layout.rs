@@ -17,8 +17,9 @@
 //!  0x0010_0000 ├─────────────────────────────┤ high memory: bzImage protected-mode part,
 //!              │                             │ ELF vmlinux at its physical addresses,
 //!              │ RAM                         │ initrd at the top of low RAM
-//!  0xc000_0000 ├─────────────────────────────┤ MMIO gap (no RAM): IOAPIC 0xfec0_0000,
-//!              │                             │ LAPIC 0xfee0_0000, KVM TSS/identity map
+//!  0xc000_0000 ├─────────────────────────────┤ MMIO gap (no RAM):
+//!  0xd000_0000 │ virtio-mmio windows, 4 KiB each, one per device (GSI 5, 6, …)
+//!              │ IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000, KVM TSS/identity map
 //! 0x1_0000_0000├─────────────────────────────┤ RAM beyond 3 GiB continues here
 //!              └─────────────────────────────┘
 //! ```
@@ -60,6 +61,22 @@ pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 /// One page KVM needs for the real-mode identity map on Intel.
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
+/// First virtio-mmio window; each device takes [`VIRTIO_MMIO_SIZE`] bytes.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// Bytes of one virtio-mmio window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// Interrupt line (IOAPIC pin) of the first virtio device; the next
+/// devices take the next lines. 0–4 are the PIT, keyboard, cascade and
+/// COM1 on a PC; the IOAPIC has 24 pins.
+pub const VIRTIO_FIRST_GSI: u32 = 5;
+/// Most virtio devices: the IOAPIC pins from [`VIRTIO_FIRST_GSI`] to 23.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+
+/// Where virtio device `index` sits: its MMIO window's base and its GSI.
+pub fn virtio_slot(index: usize) -> (u64, u32) {
+    (VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE, VIRTIO_FIRST_GSI + index as u32)
+}
+
 /// Largest guest memory size, 1 TiB.
 pub const MAX_MEMORY: u64 = 1 << 40;
 /// Smallest guest memory size that can hold boot structures and a kernel.
@@ -92,6 +109,9 @@ const _: () = {
     assert!(ZERO_PAGE_START + 0x1000 <= BOOT_STACK_POINTER);
     assert!(CMDLINE_START + 4096 <= EBDA_START);
     assert!(ACPI_START >= EBDA_START && ACPI_START < BIOS_END);
+    assert!(VIRTIO_MMIO_START >= MMIO_GAP_START);
+    assert!(VIRTIO_MMIO_START + MAX_VIRTIO_DEVICES as u64 * VIRTIO_MMIO_SIZE <= IOAPIC_START);
+    assert!(VIRTIO_FIRST_GSI + MAX_VIRTIO_DEVICES as u32 <= 24);
 };
 
 /// The RAM ranges `(start, size)` for a guest of `mem_size` bytes: one below

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use stasis::api::{self, AfterSnapshot, ApiRequest};
-use stasis::builder::{self, MemoryMode};
+use stasis::builder::{self, DiskSource, MemoryMode, RestoreOptions};
 use stasis::vmm::{GuestExit, RestoreReport};
 use stasis::config::{parse_size, ConfigError, VmConfig};
 use stasis::error_chain;
@@ -60,6 +60,26 @@ struct BootArgs {
     /// Serve the control API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// A disk image as a virtio-blk device; `,ro` makes it read-only.
+    /// Repeatable (up to 8): the first is /dev/vda.
+    #[arg(long, value_name = "PATH[,ro]")]
+    disk: Vec<String>,
+    /// A virtio-vsock device: the guest's CID (3 or more) and the Unix
+    /// socket host programs connect to (`CONNECT <port>`); guest
+    /// connections to host port P go to UDS_PATH_P.
+    #[arg(long, value_name = "CID,UDS_PATH")]
+    vsock: Option<String>,
+    /// A virtio-rng entropy device, fed from the host's getrandom.
+    #[arg(long, value_enum, default_value = "on")]
+    rng: OnOff,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DiskSourceArg {
+    /// A working copy of the snapshot's disk copies.
+    Copy,
+    /// The images the VM had when snapshotted, if unchanged since.
+    Original,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -92,6 +112,19 @@ struct RestoreArgs {
     /// Print the restore report as JSON on stderr when the VM ends.
     #[arg(long)]
     json: bool,
+    /// Where the disks come from: working copies of the snapshot's copies
+    /// (the snapshot stays as it is), or the original images if they did
+    /// not change since the snapshot.
+    #[arg(long, value_enum, default_value = "copy")]
+    disk_source: DiskSourceArg,
+    /// Keep the working copies of the disks in this (new or empty)
+    /// directory; without it they go to a temporary directory removed when
+    /// the VM ends.
+    #[arg(long, value_name = "DIR")]
+    disk_dir: Option<PathBuf>,
+    /// The vsock device's host socket, instead of the one saved.
+    #[arg(long, value_name = "UDS_PATH")]
+    vsock_uds: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -166,7 +199,11 @@ fn progress_bar() -> Box<dyn FnMut(u64, u64) + Send> {
 fn boot(args: BootArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let memory = parse_size(&args.memory).map_err(CliError::Memory)?;
     let vcpus: u64 = args.vcpus.trim().parse().map_err(|_| CliError::Vcpus(args.vcpus.clone()))?;
-    let config = VmConfig::new(args.kernel, args.initrd, args.cmdline, memory, vcpus)?;
+    let config = VmConfig::new(args.kernel, args.initrd, args.cmdline, memory, vcpus)?.with_devices(
+        &args.disk,
+        args.vsock.as_deref(),
+        matches!(args.rng, OnOff::On),
+    )?;
     let mut vmm = builder::build_microvm_for_boot(&config)?;
     vmm.set_snapshot_progress(progress_bar());
     let (result, _) = vmm.run(args.api_sock.as_deref());
@@ -202,7 +239,12 @@ fn restore(args: RestoreArgs, start: Instant) -> Result<ExitCode, Box<dyn std::e
         MemoryArg::Lazy => MemoryMode::Lazy { prefetch: matches!(args.prefetch, OnOff::On) },
         MemoryArg::Eager => MemoryMode::Eager,
     };
-    let mut vmm = builder::build_microvm_from_snapshot(&args.dir, memory, start)?;
+    let disks = match args.disk_source {
+        DiskSourceArg::Copy => DiskSource::Copy { dir: args.disk_dir },
+        DiskSourceArg::Original => DiskSource::Original,
+    };
+    let options = RestoreOptions { memory, disks, vsock_uds: args.vsock_uds };
+    let mut vmm = builder::build_microvm_from_snapshot(&args.dir, &options, start)?;
     vmm.set_snapshot_progress(progress_bar());
     let (result, report) = vmm.run(args.api_sock.as_deref());
     print_restore_report(report, args.json);

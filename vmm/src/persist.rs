@@ -8,6 +8,8 @@
 //!                     it is no snapshot
 //! DIR/state.bin       vCPU, VM and device state (the state file)
 //! DIR/memory.ckpt     guest memory in the staged checkpoint format
+//! DIR/diskN.img       a copy of disk N (vda is disk0), holes kept, when
+//!                     the VM has disks
 //! ```
 //!
 //! The state file:
@@ -20,6 +22,9 @@
 //! 20      4     CRC32C of the payload
 //! 24      …     payload: `SnapshotState`, bincode (fixed-width integers)
 //! ```
+//!
+//! Version 1.1 added the virtio devices (`SnapshotState::virtio`); a 1.0
+//! file, from before there were any, still restores.
 //!
 //! A reader refuses another major version, a payload length beyond the
 //! bound or different from what the file holds, and a checksum mismatch,
@@ -38,6 +43,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::devices::cmos::CmosState;
 use crate::devices::legacy::SerialDeviceState;
+use crate::devices::virtio::block::image::FileIdentity;
+use crate::devices::virtio::mmio::VirtioDeviceSnapshot;
 use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vm::VmState;
 
@@ -49,8 +56,8 @@ pub const STATE_FILE: &str = "state.bin";
 pub const MEMORY_FILE: &str = "memory.ckpt";
 
 const STATE_MAGIC: [u8; 8] = *b"STASISST";
-/// State file version: major 1, minor 0.
-pub const STATE_VERSION: u32 = 1 << 16;
+/// State file version: major 1, minor 1.
+pub const STATE_VERSION: u32 = (1 << 16) | 1;
 const STATE_HEADER_LEN: usize = 24;
 /// Largest state payload accepted.
 pub const MAX_STATE_LEN: u64 = 64 << 20;
@@ -111,7 +118,7 @@ pub struct DevicesState {
     pub cmos: CmosState,
 }
 
-/// Everything but memory.
+/// Everything but memory (and disks).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SnapshotState {
     /// Machine shape.
@@ -122,6 +129,52 @@ pub struct SnapshotState {
     pub vm: VmState,
     /// Emulated devices.
     pub devices: DevicesState,
+    /// Virtio devices in slot order (state version 1.1).
+    pub virtio: Vec<SavedVirtioDevice>,
+}
+
+/// The state file's payload as version 1.0 wrote it: no virtio devices.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct SnapshotStateV1_0 {
+    machine: MachineConfig,
+    vcpus: Vec<VcpuState>,
+    vm: VmState,
+    devices: DevicesState,
+}
+
+/// A virtio device in a snapshot: what it was attached to, and its state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedVirtioDevice {
+    /// The host side it was built on.
+    pub backend: VirtioBackend,
+    /// Transport and device state.
+    pub state: VirtioDeviceSnapshot,
+}
+
+/// The host side of a saved virtio device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VirtioBackend {
+    /// A disk: its copy in the snapshot directory, and the image it was
+    /// copied from.
+    Block {
+        /// File name of the copy inside the snapshot directory.
+        file: String,
+        /// The image the VM had open.
+        original: PathBuf,
+        /// The original's identity at the snapshot, to tell whether it
+        /// changed since.
+        original_identity: FileIdentity,
+        /// Whether the guest could not write it.
+        read_only: bool,
+    },
+    /// The vsock device's host socket.
+    Vsock {
+        /// Where host programs connected.
+        uds_path: PathBuf,
+    },
+    /// The entropy device.
+    Rng,
 }
 
 /// The manifest: what a snapshot directory holds.
@@ -170,6 +223,7 @@ pub fn decode_state(path: &Path, bytes: &[u8]) -> Result<SnapshotState, PersistE
         return Err(bad("wrong magic: not a stasis state file".into()));
     }
     let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+    let minor = version & 0xffff;
     if version >> 16 != STATE_VERSION >> 16 {
         return Err(PersistError::StateVersion(path.to_path_buf(), version >> 16, version & 0xffff));
     }
@@ -187,9 +241,18 @@ pub fn decode_state(path: &Path, bytes: &[u8]) -> Result<SnapshotState, PersistE
     if crc32c::crc32c(payload) != crc {
         return Err(bad("checksum mismatch: the file is damaged".into()));
     }
-    bincode_options()
-        .deserialize(payload)
-        .map_err(|e| bad(format!("cannot decode: {e}")))
+    let decode_err = |e: bincode::Error| bad(format!("cannot decode: {e}"));
+    if minor == 0 {
+        let old: SnapshotStateV1_0 = bincode_options().deserialize(payload).map_err(decode_err)?;
+        return Ok(SnapshotState {
+            machine: old.machine,
+            vcpus: old.vcpus,
+            vm: old.vm,
+            devices: old.devices,
+            virtio: Vec::new(),
+        });
+    }
+    bincode_options().deserialize(payload).map_err(decode_err)
 }
 
 /// Reads a whole file of at most `max` bytes.
@@ -253,6 +316,13 @@ impl SnapshotWriter {
     /// Where the memory checkpoint goes.
     pub fn memory_path(&self) -> PathBuf {
         self.partial.join(MEMORY_FILE)
+    }
+
+    /// The name and path of disk `index`'s copy.
+    pub fn disk_path(&self, index: usize) -> (String, PathBuf) {
+        let name = format!("disk{index}.img");
+        let path = self.partial.join(&name);
+        (name, path)
     }
 
     /// Writes the state file; returns its size in bytes.
@@ -349,6 +419,14 @@ fn plain_name(dir: &Path, name: &str) -> Result<PathBuf, PersistError> {
     Ok(dir.join(path))
 }
 
+impl SnapshotDir {
+    /// The path of a file the state names inside the snapshot directory
+    /// (a disk copy), refused unless it is a plain name.
+    pub fn file(&self, dir: &Path, name: &str) -> Result<PathBuf, PersistError> {
+        plain_name(dir, name)
+    }
+}
+
 /// Opens a snapshot directory.
 pub fn open_snapshot(dir: &Path) -> Result<SnapshotDir, PersistError> {
     if !dir.exists() {
@@ -406,6 +484,23 @@ mod tests {
                 serial: SerialDeviceState { fifo: vec![b'a'], pending: vec![b'b'], ..Default::default() },
                 cmos: CmosState { index: 3, ram: vec![7; 128] },
             },
+            virtio: vec![SavedVirtioDevice {
+                backend: VirtioBackend::Rng,
+                state: VirtioDeviceSnapshot {
+                    transport: crate::devices::virtio::mmio::MmioState {
+                        status: 15,
+                        acked_features: 1 << 32,
+                        device_features_select: 0,
+                        driver_features_select: 0,
+                        queue_select: 0,
+                        interrupt_status: 1,
+                        config_generation: 0,
+                        activated: true,
+                        queues: Vec::new(),
+                    },
+                    device: crate::devices::virtio::DeviceState::Rng,
+                },
+            }],
         }
     }
 
@@ -418,6 +513,23 @@ mod tests {
         assert_eq!(back.vcpus[0].cpuid[0].eax, 0x800f12);
         assert_eq!(back.devices, sample_state().devices);
         assert_eq!(back.machine, sample_state().machine);
+        assert_eq!(back.virtio, sample_state().virtio);
+    }
+
+    #[test]
+    fn version_1_0_state_without_virtio_devices_still_decodes() {
+        let s = sample_state();
+        let old = SnapshotStateV1_0 { machine: s.machine, vcpus: s.vcpus, vm: s.vm, devices: s.devices };
+        let payload = bincode_options().serialize(&old).expect("encode");
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&STATE_MAGIC);
+        bytes.extend_from_slice(&(1u32 << 16).to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        let back = decode_state(Path::new("s"), &bytes).expect("decode");
+        assert!(back.virtio.is_empty());
+        assert_eq!(back.devices, sample_state().devices);
     }
 
     #[test]

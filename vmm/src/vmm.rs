@@ -2,6 +2,7 @@
 //! control API's dispatch, pause and resume, and snapshots. [`crate::builder`]
 //! builds a [`Vmm`]; this module runs it.
 
+use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender};
@@ -14,12 +15,17 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::api::{AfterSnapshot, ApiCall, ApiError, ApiReply, ApiRequest, ApiServer};
 use crate::checkpoint::{self, WriteStats, WriterOptions};
-use crate::devices::bus::{lock, PioBus};
+use crate::devices::bus::{lock, MmioBus, PioBus};
+use crate::devices::virtio::block::image::{copy_sparse, FileIdentity};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::thread::DeviceThread;
 use crate::devices::cmos::{Cmos, HostClock};
 use crate::devices::legacy::{IrqTrigger, SerialDevice};
 use crate::devices::PowerEvent;
 use crate::error_chain;
-use crate::persist::{DevicesState, MachineConfig, PersistError, SnapshotState, SnapshotWriter};
+use crate::persist::{
+    DevicesState, MachineConfig, PersistError, SavedVirtioDevice, SnapshotState, SnapshotWriter, VirtioBackend,
+};
 use crate::restore::uffd::{LazyMemory, LoaderReport, MemoryFailure, UffdError};
 use crate::terminal::{RawTerminal, TerminalError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuStop};
@@ -61,6 +67,100 @@ pub enum VmmError {
     /// The control socket could not be served.
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// A device could not make what the guest wrote durable.
+    #[error("cannot flush virtio device {0}")]
+    FlushDevice(usize, #[source] std::io::Error),
+    /// A disk could not be copied into the snapshot.
+    #[error("cannot copy disk {} into the snapshot", .0.display())]
+    CopyDisk(PathBuf, #[source] std::io::Error),
+}
+
+/// The host side of a virtio device, as a snapshot records it.
+pub(crate) enum SlotBackend {
+    /// A disk image, and a second handle on it for copying it.
+    Block {
+        /// The same open file the device uses.
+        file: File,
+        /// Where it is.
+        path: PathBuf,
+        /// Whether the guest cannot write it.
+        read_only: bool,
+    },
+    /// The vsock device's host socket.
+    Vsock {
+        /// Its path.
+        uds_path: PathBuf,
+    },
+    /// The entropy device.
+    Rng,
+}
+
+/// A virtio device of the running VM. The thread is declared first: it is
+/// stopped before the transport it serves goes.
+pub(crate) struct VirtioSlot {
+    /// Held for its `Drop`, which stops the thread.
+    pub(crate) _thread: DeviceThread,
+    pub(crate) transport: Arc<Mutex<MmioTransport>>,
+    pub(crate) backend: SlotBackend,
+}
+
+/// The directory holding a restored VM's working copies of its disks;
+/// removed when the VM ends unless the user named it.
+pub struct WorkingDisks {
+    dir: PathBuf,
+    keep: bool,
+}
+
+impl WorkingDisks {
+    /// `keep`, created if missing and refused unless empty; or a new
+    /// temporary directory beside nothing the user owns.
+    pub fn create(keep: Option<&Path>, snapshot: &Path) -> Result<Self, (PathBuf, std::io::Error)> {
+        match keep {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| (dir.to_path_buf(), e))?;
+                let used = std::fs::read_dir(dir).map_err(|e| (dir.to_path_buf(), e))?.next().is_some();
+                if used {
+                    let e = std::io::Error::new(std::io::ErrorKind::AlreadyExists, "it is not empty; not overwriting what is there");
+                    return Err((dir.to_path_buf(), e));
+                }
+                Ok(WorkingDisks { dir: dir.to_path_buf(), keep: true })
+            }
+            None => {
+                let name = snapshot.file_name().map_or("snapshot".into(), |n| n.to_string_lossy().into_owned());
+                let dir = std::env::temp_dir().join(format!("stasis-{name}-disks-{}", std::process::id()));
+                if dir.exists() {
+                    std::fs::remove_dir_all(&dir).map_err(|e| (dir.clone(), e))?;
+                }
+                std::fs::create_dir(&dir).map_err(|e| (dir.clone(), e))?;
+                Ok(WorkingDisks { dir, keep: false })
+            }
+        }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Tells the user where the disks are and whether they stay.
+    pub fn announce(&self) {
+        if self.keep {
+            log::info!("the restored VM's disks are in {}", self.dir.display());
+        } else {
+            log::warn!(
+                "the restored VM's disks are working copies in {}, removed when the VM ends (--disk-dir DIR keeps them)",
+                self.dir.display()
+            );
+        }
+    }
+}
+
+impl Drop for WorkingDisks {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 /// How a guest ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,9 +251,16 @@ impl Devices {
 
 /// A built VM, ready to run or running.
 pub struct Vmm {
-    /// The lazy loader writes into `mem`: declared first, it is dropped
+    /// Virtio devices, declared first: their threads stop before the lazy
+    /// loader, which may still be serving one of their faults.
+    pub(crate) virtio: Vec<VirtioSlot>,
+    /// The lazy loader writes into `mem`: declared early, it is dropped
     /// (its handler stopped) before the memory.
     pub(crate) lazy: Option<LazyMemory>,
+    /// Working copies of a restored VM's disks, removed after the devices
+    /// closed them.
+    pub(crate) _working_disks: Option<WorkingDisks>,
+    pub(crate) mmio: Arc<MmioBus>,
     pub(crate) kvm: Kvm,
     pub(crate) vm: VmFd,
     pub(crate) mem: GuestMemoryMmap,
@@ -220,7 +327,13 @@ impl Vmm {
         for vcpu in std::mem::take(&mut self.pending_vcpus) {
             let index = vcpu.index();
             let handle = vcpu
-                .start(self.devices.bus.clone(), self.mem.clone(), self.msr_indices.clone(), self.events_tx.clone())
+                .start(
+                    self.devices.bus.clone(),
+                    self.mmio.clone(),
+                    self.mem.clone(),
+                    self.msr_indices.clone(),
+                    self.events_tx.clone(),
+                )
                 .map_err(|e| VmmError::SpawnThread(format!("vcpu{index}"), e))?;
             self.vcpus.push(handle);
         }
@@ -390,14 +503,37 @@ impl Vmm {
         for vcpu in &self.vcpus {
             vcpus.push(vcpu.save_state()?);
         }
+        // Device threads are held still from here until memory is written:
+        // what they would write into guest memory (a disk read, a vsock
+        // packet) must not land after their queues were saved.
+        let mut transports: Vec<_> = self.virtio.iter().map(|slot| lock(&slot.transport)).collect();
+        let mut virtio = Vec::with_capacity(transports.len());
+        let mut disks = 0;
+        for (index, (slot, transport)) in self.virtio.iter().zip(transports.iter_mut()).enumerate() {
+            transport.device_mut().prepare_snapshot().map_err(|e| VmmError::FlushDevice(index, e))?;
+            let backend = match &slot.backend {
+                SlotBackend::Block { file, path, read_only } => {
+                    let (name, copy) = writer.disk_path(disks);
+                    disks += 1;
+                    copy_sparse(file, &copy).map_err(|e| VmmError::CopyDisk(path.clone(), e))?;
+                    let original_identity = FileIdentity::of(path).map_err(|e| VmmError::CopyDisk(path.clone(), e))?;
+                    VirtioBackend::Block { file: name, original: path.clone(), original_identity, read_only: *read_only }
+                }
+                SlotBackend::Vsock { uds_path } => VirtioBackend::Vsock { uds_path: uds_path.clone() },
+                SlotBackend::Rng => VirtioBackend::Rng,
+            };
+            virtio.push(SavedVirtioDevice { backend, state: transport.snapshot() });
+        }
         let state = SnapshotState {
             machine: self.machine.clone(),
             vcpus,
             vm: vm::save_vm_state(&self.vm)?,
             devices: self.devices.state(),
+            virtio,
         };
         let memory = checkpoint::write_checkpoint(&writer.memory_path(), &self.mem, &WriterOptions::default(), progress)
             .map_err(VmmError::WriteCheckpoint)?;
+        drop(transports);
         let state_bytes = writer.write_state(&state)?;
         let dir = writer.commit(&self.machine)?;
         Ok(SnapshotReport { dir, memory, state_bytes, paused_for: paused_at.elapsed() })

@@ -18,7 +18,7 @@ use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::cpuid::filter_cpuid;
-use crate::devices::bus::PioBus;
+use crate::devices::bus::{MmioBus, PioBus};
 use crate::devices::PowerEvent;
 use crate::layout;
 
@@ -581,10 +581,12 @@ impl Vcpu {
     }
 
     /// Starts the vCPU on its own thread; it runs until it stops, serving
-    /// port I/O on `bus`, and reports the stop on `events`.
+    /// port I/O on `bus` and MMIO on `mmio`, and reports the stop on
+    /// `events`.
     pub fn start<T: From<VcpuEvent> + Send + 'static>(
         self,
         bus: Arc<PioBus>,
+        mmio: Arc<MmioBus>,
         mem: GuestMemoryMmap,
         msr_indices: Arc<Vec<u32>>,
         events: Sender<T>,
@@ -594,7 +596,7 @@ impl Vcpu {
         let (resp_tx, resp_rx) = channel();
         let thread = std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || {
             let mut vcpu = self;
-            let stop = vcpu.run_loop(&bus, &mem, &msr_indices, &req_rx, &resp_tx);
+            let stop = vcpu.run_loop(&bus, &mmio, &mem, &msr_indices, &req_rx, &resp_tx);
             if let Some(stop) = stop {
                 // The receiver only goes away while the VMM is exiting.
                 let _ = events.send(T::from(VcpuEvent { index: vcpu.index, stop }));
@@ -627,6 +629,7 @@ impl Vcpu {
     fn run_loop(
         &mut self,
         bus: &PioBus,
+        mmio: &MmioBus,
         mem: &GuestMemoryMmap,
         msrs: &[u32],
         requests: &Receiver<VcpuRequest>,
@@ -658,12 +661,15 @@ impl Vcpu {
                     continue;
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
-                    log::trace!("read from unclaimed MMIO {addr:#x}");
-                    data.fill(0xff);
+                    if !mmio.read(addr, data) {
+                        log::trace!("read from unclaimed MMIO {addr:#x}");
+                    }
                     continue;
                 }
-                Ok(VcpuExit::MmioWrite(addr, _)) => {
-                    log::trace!("write to unclaimed MMIO {addr:#x}");
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if !mmio.write(addr, data) {
+                        log::trace!("write to unclaimed MMIO {addr:#x}");
+                    }
                     continue;
                 }
                 Ok(VcpuExit::Hlt) => {
