@@ -376,3 +376,18 @@ pub fn run_direct(args: &[&str], envs: &[(&str, &str)]) -> (ExitStatus, String, 
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Runs `stasis ARGS` and checks: non-zero exit, exactly one line on
+/// stderr, starting `stasis: error:` and containing `needle`, nothing on
+/// stdout.
+pub fn assert_refused(args: &[&str], envs: &[(&str, &str)], needle: &str) {
+    let (status, stdout, stderr) = run_direct(args, envs);
+    assert!(!status.success(), "{args:?} succeeded; stderr: {stderr}");
+    assert_eq!(status.code(), Some(1), "{args:?}: want exit 1, got {status}; stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: want one error line, got:\n{stderr}");
+    assert!(lines[0].starts_with("stasis: error: "), "{args:?}: {stderr}");
+    assert!(lines[0].contains(needle), "{args:?}: {:?} not in {stderr}", needle);
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    assert!(stdout.is_empty(), "{args:?} printed on stdout: {stdout}");
+}

@@ -4,22 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use stasis_e2e::{guest_image, repo_root, run_direct, stasis_bin};
-
-/// Runs `stasis ARGS` and checks: non-zero exit, exactly one line on
-/// stderr, starting `stasis: error:` and containing `needle`, nothing on
-/// stdout.
-fn assert_refused(args: &[&str], envs: &[(&str, &str)], needle: &str) {
-    let (status, stdout, stderr) = run_direct(args, envs);
-    assert!(!status.success(), "{args:?} succeeded; stderr: {stderr}");
-    assert_eq!(status.code(), Some(1), "{args:?}: want exit 1, got {status}; stderr: {stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: want one error line, got:\n{stderr}");
-    assert!(lines[0].starts_with("stasis: error: "), "{args:?}: {stderr}");
-    assert!(lines[0].contains(needle), "{args:?}: {:?} not in {stderr}", needle);
-    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
-    assert!(stdout.is_empty(), "{args:?} printed on stdout: {stdout}");
-}
+use stasis_e2e::{assert_refused, guest_image, repo_root, run_direct, stasis_bin};
 
 fn vmlinux() -> String {
     guest_image("vmlinux")
