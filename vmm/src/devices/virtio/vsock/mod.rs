@@ -145,7 +145,7 @@ impl Vsock {
         }
         loop {
             self.fill_rx(ctx);
-            if !(self.tx_stalled && !self.muxer.control_full()) {
+            if !self.tx_stalled || self.muxer.control_full() {
                 break;
             }
             self.process_tx(ctx);
@@ -162,7 +162,6 @@ impl Vsock {
             let _ = queue.disable_notification(ctx.mem);
             while let Some(mut chain) = queue.pop_descriptor_chain(ctx.mem) {
                 if self.muxer.control_full() {
-                    drop(chain);
                     queue.go_to_previous_position();
                     self.tx_stalled = true;
                     break 'drain;
@@ -240,8 +239,6 @@ impl Vsock {
                     0
                 }
                 RxNext::Nothing => {
-                    drop(pkt);
-                    drop(chain);
                     queue.go_to_previous_position();
                     break;
                 }
