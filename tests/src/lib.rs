@@ -96,6 +96,12 @@ pub fn runner() -> Runner {
 /// Tests that run several stasis processes at once (a VM and the client
 /// that snapshots it) need this: they all must share one KVM host.
 pub fn run_in_kvm_host(test_name: &str) -> bool {
+    run_in_kvm_host_carrying(test_name, &[])
+}
+
+/// [`run_in_kvm_host`], carrying `files` (host programs the test runs,
+/// such as `e2fsck`) into the test host at the same paths.
+pub fn run_in_kvm_host_carrying(test_name: &str, files: &[&str]) -> bool {
     if runner() == Runner::Direct {
         return false;
     }
@@ -107,6 +113,7 @@ pub fn run_in_kvm_host(test_name: &str) -> bool {
         .args(["--cpus", TESTHOST_CPUS])
         .arg("--file")
         .arg(&exe)
+        .args(files.iter().flat_map(|f| ["--file", f]))
         .arg("--")
         .args(["env", "STASIS_E2E_RUNNER=direct", "RUST_BACKTRACE=1", &log])
         .arg(&exe)
