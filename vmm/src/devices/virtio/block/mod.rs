@@ -3,7 +3,7 @@
 //!
 //! The device serves each request synchronously on its thread, moving data
 //! with `preadv`/`pwritev` straight between the file and guest memory
-//! ([`request`]). It keeps no queue state: the transport owns the queue,
+//! (`request.rs`). It keeps no queue state: the transport owns the queue,
 //! so a reset forgets nothing and a snapshot needs only what must match
 //! the disk at restore ([`BlockState`]).
 //!
@@ -319,7 +319,7 @@ mod tests {
         VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
         VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
     };
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
@@ -1009,6 +1009,26 @@ mod tests {
         let self_loop = [RawDescriptor::from(SplitDescriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 0))];
         let outcome = serve_raw(&mut s.block, &s.mem, &self_loop, false);
         assert_eq!(outcome.used, vec![(0, 0)]);
+    }
+
+    #[test]
+    fn chain_longer_than_a_queue_through_an_indirect_table_is_dropped() {
+        let mut s = setup(false);
+        header(&s.mem, VIRTIO_BLK_T_FLUSH, 0);
+        let table = 0x20_0000u64;
+        let count = 300u16;
+        for i in 0..count {
+            let desc = if i + 1 < count {
+                SplitDescriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, i + 1)
+            } else {
+                SplitDescriptor::new(STATUS, 1, VRING_DESC_F_WRITE as u16, 0)
+            };
+            s.mem.write_obj(RawDescriptor::from(desc), GuestAddress(table + 16 * u64::from(i))).expect("indirect desc");
+        }
+        let head = SplitDescriptor::new(table, 16 * u32::from(count), VRING_DESC_F_INDIRECT as u16, 0);
+        let outcome = serve_raw(&mut s.block, &s.mem, &[RawDescriptor::from(head)], false);
+        assert_eq!(outcome.used, vec![(0, 0)]);
+        assert_eq!(status(&s.mem), 0xee, "nothing written");
     }
 
     #[test]
