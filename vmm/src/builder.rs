@@ -176,7 +176,8 @@ fn open_devices(config: &VmConfig) -> Result<Vec<PendingDevice>, BuildError> {
     }
     if let Some(vsock) = &config.vsock {
         let device = Vsock::new(vsock.guest_cid, &vsock.uds_path)?;
-        let backend = SlotBackend::Vsock { uds_path: vsock.uds_path.clone() };
+        // Absolute, so a restore from another directory finds the same place.
+        let backend = SlotBackend::Vsock { uds_path: absolute(&vsock.uds_path) };
         pending.push(PendingDevice { device: Box::new(device), backend, name: "virtio-vsock".into(), saved: None });
     }
     if config.rng {
@@ -188,7 +189,13 @@ fn open_devices(config: &VmConfig) -> Result<Vec<PendingDevice>, BuildError> {
 /// A second handle on a disk image, for copying it into snapshots.
 fn block_backend(image: &DiskImage) -> Result<SlotBackend, BuildError> {
     let file = image.file().try_clone().map_err(|e| BuildError::CopyDisk(image.path().into(), image.path().into(), e))?;
-    Ok(SlotBackend::Block { file, path: image.path().to_path_buf(), read_only: image.read_only() })
+    Ok(SlotBackend::Block { file, path: absolute(image.path()), read_only: image.read_only() })
+}
+
+/// `path` made absolute against the current directory (as given if that
+/// fails), for what a snapshot records.
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// Where each pending device sits, for the ACPI tables.
