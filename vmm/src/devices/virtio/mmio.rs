@@ -393,6 +393,14 @@ impl MmioTransport {
     }
 
     fn write_queue_register(&mut self, offset: u64, value: u32) {
+        // A driver tearing a queue down writes QueueReady = 0 and checks
+        // that it reads back 0 (Linux warns otherwise).
+        if offset == 0x044 && value == 0 {
+            if let Some(queue) = self.selected_queue() {
+                queue.set_ready(false);
+            }
+            return;
+        }
         if !self.queue_config_allowed() {
             log::debug!("virtio-mmio: queue register {offset:#x} written outside queue setup; ignored");
             return;
@@ -691,6 +699,17 @@ mod tests {
         write32(&mut t, 0x030, 0);
         write32(&mut t, 0x080, 0x8000);
         assert_eq!(t.state().queues[0].desc_table, 0x1000);
+    }
+
+    #[test]
+    fn queue_ready_can_always_be_cleared() {
+        let (mut t, _, _) = transport();
+        set_up(&mut t);
+        write32(&mut t, 0x030, 1);
+        write32(&mut t, 0x044, 0);
+        assert_eq!(read32(&mut t, 0x044), 0);
+        write32(&mut t, 0x044, 1);
+        assert_eq!(read32(&mut t, 0x044), 0, "set ready again after DRIVER_OK");
     }
 
     #[test]
