@@ -148,11 +148,9 @@ impl Connection {
 
     /// Whether data from the host may be read now (given rx buffers).
     pub fn wants_host_data(&self) -> bool {
-        self.state == State::Established
-            && !self.host_eof
-            && !self.hup
-            && !self.peer_shut_rcv
-            && self.peer_credit() > 0
+        // A stream that hung up is still read: what the host wrote before
+        // closing goes to the guest, then the end of file as a SHUTDOWN.
+        self.state == State::Established && !self.host_eof && !self.peer_shut_rcv && self.peer_credit() > 0
     }
 
     /// Guest data still waiting for the host stream.

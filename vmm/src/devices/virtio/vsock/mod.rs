@@ -757,6 +757,31 @@ mod tests {
     }
 
     #[test]
+    fn host_closing_after_the_guest_shut_down_sending_ends_the_guest_side() {
+        let (_dir, path, mut dev, mut g) = setup();
+        g.give_rx(8, 4096);
+        let mut host = guest_connect(&mut dev, &mut g, &path, 12, 6006, 65536);
+        // The guest sends, then shuts down sending (stdin ended).
+        g.send(rw(6006, 12, b"hello"), b"hello");
+        g.send(Header { flags: SHUTDOWN_SEND, ..from_guest(OP_SHUTDOWN, 6006, 12) }, &[]);
+        dev.process_queue(TX_QUEUE, &mut g.ctx());
+        pump(&mut dev, &mut g);
+        host.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        let mut got = Vec::new();
+        host.read_to_end(&mut got).expect("host reads to the end");
+        assert_eq!(got, b"hello");
+        // The host closes its stream entirely: the guest must hear of it.
+        drop(host);
+        pump(&mut dev, &mut g);
+        let got = g.received();
+        assert!(
+            got.iter().any(|(h, _)| h.op == OP_SHUTDOWN && h.flags & SHUTDOWN_SEND != 0 || h.op == OP_RST),
+            "guest never told the host closed: {:?}",
+            got.iter().map(|(h, _)| (h.op, h.flags)).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
     fn malformed_or_overlong_connect_line_closes_stream_without_touching_guest() {
         let (_dir, path, mut dev, mut g) = setup();
         g.give_rx(4, 4096);
