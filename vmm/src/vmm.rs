@@ -219,6 +219,11 @@ pub struct SnapshotReport {
     pub memory: WriteStats,
     /// Bytes of the state file.
     pub state_bytes: u64,
+    /// Disks copied into the snapshot, and the data bytes copied (holes
+    /// and cloned extents are not counted).
+    pub disks: usize,
+    /// See `disks`.
+    pub disk_bytes_copied: u64,
     /// Time the vCPUs were paused for the snapshot.
     pub paused_for: Duration,
 }
@@ -438,6 +443,8 @@ impl Vmm {
                     "memory_bytes": m.bytes_in,
                     "memory_file_bytes": m.file_bytes,
                     "state_file_bytes": report.state_bytes,
+                    "disks": report.disks,
+                    "disk_bytes_copied": report.disk_bytes_copied,
                     "zero_blocks": m.zero_blocks,
                     "raw_blocks": m.raw_blocks,
                     "zstd_blocks": m.zstd_blocks,
@@ -509,13 +516,15 @@ impl Vmm {
         let mut transports: Vec<_> = self.virtio.iter().map(|slot| lock(&slot.transport)).collect();
         let mut virtio = Vec::with_capacity(transports.len());
         let mut disks = 0;
+        let mut disk_bytes_copied = 0;
         for (index, (slot, transport)) in self.virtio.iter().zip(transports.iter_mut()).enumerate() {
             transport.device_mut().prepare_snapshot().map_err(|e| VmmError::FlushDevice(index, e))?;
             let backend = match &slot.backend {
                 SlotBackend::Block { file, path, read_only } => {
                     let (name, copy) = writer.disk_path(disks);
                     disks += 1;
-                    copy_sparse(file, &copy).map_err(|e| VmmError::CopyDisk(path.clone(), e))?;
+                    let copied = copy_sparse(file, &copy).map_err(|e| VmmError::CopyDisk(path.clone(), e))?;
+                    disk_bytes_copied += copied.bytes_copied;
                     let original_identity = FileIdentity::of(path).map_err(|e| VmmError::CopyDisk(path.clone(), e))?;
                     VirtioBackend::Block { file: name, original: path.clone(), original_identity, read_only: *read_only }
                 }
@@ -536,6 +545,6 @@ impl Vmm {
         drop(transports);
         let state_bytes = writer.write_state(&state)?;
         let dir = writer.commit(&self.machine)?;
-        Ok(SnapshotReport { dir, memory, state_bytes, paused_for: paused_at.elapsed() })
+        Ok(SnapshotReport { dir, memory, state_bytes, disks, disk_bytes_copied, paused_for: paused_at.elapsed() })
     }
 }
