@@ -19,7 +19,7 @@ use stasis_e2e::{boot_args, guest_image, repo_root, run_in_kvm_host, run_in_kvm_
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Moving tens of MiB through a device under nested KVM.
-const WORK_TIMEOUT: Duration = Duration::from_secs(240);
+const WORK_TIMEOUT: Duration = Duration::from_secs(600);
 /// The default command line with the root file system on the first disk.
 const ROOT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet root=/dev/vda";
 
@@ -179,17 +179,32 @@ fn connect_to_guest(uds: &Path, port: u32) -> UnixStream {
     }
 }
 
-/// Accepts `count` connections on `listener` and returns what each sent.
+/// Accepts `count` connections on `listener` and returns what each sent;
+/// panics (in the joining thread) if they do not all arrive within
+/// `WORK_TIMEOUT`, so a guest that never connects fails the test instead
+/// of hanging it.
 fn receive_all(listener: UnixListener, count: usize) -> thread::JoinHandle<Vec<Vec<u8>>> {
     thread::spawn(move || {
+        listener.set_nonblocking(true).expect("non-blocking listener");
+        let deadline = Instant::now() + WORK_TIMEOUT;
         let mut handlers = Vec::new();
-        for _ in 0..count {
-            let (mut stream, _) = listener.accept().expect("accept");
-            handlers.push(thread::spawn(move || {
-                let mut data = Vec::new();
-                stream.read_to_end(&mut data).expect("read");
-                data
-            }));
+        while handlers.len() < count {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    stream.set_nonblocking(false).expect("blocking stream");
+                    stream.set_read_timeout(Some(WORK_TIMEOUT)).expect("read timeout");
+                    handlers.push(thread::spawn(move || {
+                        let mut data = Vec::new();
+                        stream.read_to_end(&mut data).expect("read what the guest sent");
+                        data
+                    }));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "only {} of {count} guest connections arrived", handlers.len());
+                    thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
         }
         handlers.into_iter().map(|h| h.join().expect("reader")).collect()
     })
