@@ -45,10 +45,10 @@
 //!   its default `Sync` engine (pread/pwrite on a cached file).
 //! - `vsock`: through the VMM's Unix socket with the `CONNECT <port>`
 //!   convention. `host-to-guest`: the guest's `stasis-iobench vsock-sink`
-//!   reads to end of stream and answers `received=N`; timed here from the
+//!   reads MIB MiB and answers `received=N`; timed here from the
 //!   `OK` line to that answer (every byte reached the guest's program).
-//!   `guest-to-host`: `vsock-source` writes MIB MiB; timed from `OK` to end
-//!   of stream. `connect`: N connections one after the other (after one
+//!   `guest-to-host`: `vsock-source` writes MIB MiB; timed from `OK` to
+//!   its last byte. `connect`: N connections one after the other (after one
 //!   untimed warm-up) to a guest accepting and closing each, timed from the
 //!   Unix `connect` to the `OK` line (percentiles by nearest rank). QEMU has
 //!   no rows here: its vsock is vhost-vsock, reached through AF_VSOCK on
@@ -59,7 +59,6 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -582,14 +581,15 @@ fn mb_s(bytes: u64, d: Duration) -> String {
 fn vsock_host_to_guest(o: &Opts, guest: &mut Guest, uds: &Path) -> Res<String> {
     let bytes = o.vsock_mib << 20;
     let from = guest.output().len();
-    guest.send_line("stasis-iobench vsock-sink 5000; echo SINK_RC=$?");
+    // The sink stops at the byte count: Firecracker ends the whole stream
+    // when the host half-closes, so the end of file cannot mark the end.
+    guest.send_line(&format!("stasis-iobench vsock-sink 5000 {bytes}; echo SINK_RC=$?"));
     let (mut reader, _) = vsock_open(uds, 5000, Instant::now() + ANSWER_TIMEOUT)?;
     let chunk = vec![0x3cu8; 1 << 20];
     let t = Instant::now();
     for _ in 0..o.vsock_mib {
         reader.get_mut().write_all(&chunk).map_err(|e| format!("writing to the guest: {e}"))?;
     }
-    reader.get_ref().shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {e}"))?;
     let mut answer = String::new();
     reader.read_line(&mut answer).map_err(|e| format!("reading the guest's answer: {e}"))?;
     let took = t.elapsed();
@@ -608,7 +608,9 @@ fn vsock_guest_to_host(o: &Opts, guest: &mut Guest, uds: &Path) -> Res<String> {
     let mut buf = vec![0u8; 1 << 20];
     let mut got = 0u64;
     let t = Instant::now();
-    loop {
+    // Up to the byte count, not the end of file: Firecracker does not pass
+    // the guest's half-close on to the Unix socket.
+    while got < bytes {
         match reader.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => got += n as u64,

@@ -24,8 +24,8 @@
 //! vsock peers for the host's measurements (the host times them):
 //!
 //! ```text
-//! stasis-iobench vsock-sink PORT          accept one connection, read it to its end,
-//!                                          answer `received=N\n`, close
+//! stasis-iobench vsock-sink PORT [BYTES]  accept one connection, read BYTES (or to its
+//!                                          end), answer `received=N\n`, close
 //! stasis-iobench vsock-source PORT MIB    accept one connection, write MIB MiB, close
 //! stasis-iobench vsock-accept PORT COUNT  accept COUNT connections, closing each at once
 //! ```
@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 const USAGE: &str = "\
 Usage: stasis-iobench seq-read|seq-write DEVICE [--bs SIZE] [--mib N]
        stasis-iobench rand-read DEVICE [--bs SIZE] [--seconds S] [--seed N]
-       stasis-iobench vsock-sink PORT
+       stasis-iobench vsock-sink PORT [BYTES]
        stasis-iobench vsock-source PORT MIB
        stasis-iobench vsock-accept PORT COUNT
 SIZE takes a K or M suffix (1024, 1048576). Disk tests use O_DIRECT.";
@@ -66,7 +66,7 @@ enum Test {
 enum Command {
     Help,
     Disk { test: Test, device: String, bs: usize, mib: u64, seconds: f64, seed: u64 },
-    VsockSink { port: u32 },
+    VsockSink { port: u32, bytes: Option<u64> },
     VsockSource { port: u32, mib: u64 },
     VsockAccept { port: u32, count: u64 },
 }
@@ -93,7 +93,11 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Command, String> {
     let verb = args.next().ok_or("no command")?;
     let test = match verb.as_str() {
         "-h" | "--help" => return Ok(Command::Help),
-        "vsock-sink" => return Ok(Command::VsockSink { port: number("PORT", args.next())? }),
+        "vsock-sink" => {
+            let port = number("PORT", args.next())?;
+            let bytes = args.next().map(|b| number("BYTES", Some(b))).transpose()?;
+            return Ok(Command::VsockSink { port, bytes });
+        }
         "vsock-source" => {
             let port = number("PORT", args.next())?;
             return Ok(Command::VsockSource { port, mib: number("MIB", args.next())? });
@@ -261,11 +265,13 @@ fn accept_one(port: u32) -> Result<std::fs::File, String> {
     Ok(std::fs::File::from(sock))
 }
 
-fn vsock_sink(port: u32) -> Result<(), String> {
+/// Reads `bytes` (a peer that cannot half-close, such as Firecracker's
+/// host side, which ends the whole stream on its end of file) or to the end.
+fn vsock_sink(port: u32, bytes: Option<u64>) -> Result<(), String> {
     let mut sock = accept_one(port)?;
     let mut buf = vec![0u8; 256 * 1024];
     let mut received = 0u64;
-    loop {
+    while bytes.is_none_or(|b| received < b) {
         match sock.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => received += n as u64,
@@ -314,7 +320,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Disk { test, device, bs, mib, seconds, seed } => disk(test, &device, bs, mib, seconds, seed),
-        Command::VsockSink { port } => vsock_sink(port),
+        Command::VsockSink { port, bytes } => vsock_sink(port, bytes),
         Command::VsockSource { port, mib } => vsock_source(port, mib),
         Command::VsockAccept { port, count } => vsock_accept(port, count),
     };
