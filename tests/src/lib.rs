@@ -22,6 +22,31 @@ pub const READY: &str = "STASIS-GUEST-READY";
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bound for a shell command to answer once the guest is up.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound for a VM to end once told to.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A scratch directory that lives as long as the test.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("stasis-e2e").tempdir().expect("tempdir")
+}
+
+/// `stasis snapshot --api-sock SOCK --out OUT --then THEN`; returns its
+/// stdout (the JSON reply) after checking it succeeded.
+pub fn snapshot(sock: &Path, out: &Path, then: &str) -> String {
+    let output = Command::new(stasis_bin())
+        .args(["snapshot", "--api-sock"])
+        .arg(sock)
+        .arg("--out")
+        .arg(out)
+        .args(["--then", then])
+        .output()
+        .expect("stasis snapshot runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "snapshot failed: {stderr}{stdout}");
+    assert!(stdout.contains("\"snapshot\":{"), "reply: {stdout}");
+    stdout
+}
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -290,10 +315,15 @@ impl Guest {
     /// Types `command`, then waits for a line `MARKER=<value>` printed after
     /// it and returns the value. The command must print that line.
     pub fn query(&mut self, marker: &str, command: &str) -> String {
+        self.query_within(marker, command, COMMAND_TIMEOUT)
+    }
+
+    /// [`Guest::query`] for a command that may take up to `timeout`.
+    pub fn query_within(&mut self, marker: &str, command: &str, timeout: Duration) -> String {
         let from = self.output().len();
         self.send_line(command);
         let prefix = format!("{marker}=");
-        self.wait_until(&format!("a line starting {prefix:?}"), COMMAND_TIMEOUT, |t| {
+        self.wait_until(&format!("a line starting {prefix:?}"), timeout, |t| {
             complete_lines(t.get(from..).unwrap_or("")).any(|l| value_of(l, &prefix).is_some())
         });
         let out = self.output();
@@ -301,6 +331,16 @@ impl Guest {
             .find_map(|l| value_of(l, &prefix))
             .expect("line seen above")
             .to_string()
+    }
+
+    /// Powers the guest off (`poweroff -f`), checks the VMM ended cleanly,
+    /// and returns everything it printed.
+    pub fn poweroff(mut self) -> String {
+        self.send_line("poweroff -f");
+        let (status, output) = self.wait_exit(EXIT_TIMEOUT);
+        assert!(status.success(), "exit status {status} after poweroff; output:\n{output}");
+        assert!(!output.contains("stasis: error"), "{output}");
+        output
     }
 
     /// Waits for the process to end within `timeout`; kills it otherwise

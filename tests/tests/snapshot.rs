@@ -8,37 +8,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use stasis_e2e::{boot_args, complete_lines, run_in_kvm_host, stasis_bin, Guest, COMMAND_TIMEOUT};
+use stasis_e2e::{
+    boot_args, complete_lines, run_in_kvm_host, scratch, snapshot, stasis_bin, Guest, COMMAND_TIMEOUT, EXIT_TIMEOUT,
+};
 
-const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Writing 64 MiB of random data and hashing it, under nested KVM.
 const WORK_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// A scratch directory that lives as long as the test.
-fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("stasis-e2e").tempdir().expect("tempdir")
-}
-
 fn api_sock(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.sock"))
-}
-
-/// `stasis snapshot --api-sock SOCK --out OUT --then THEN`; returns its
-/// stdout (the JSON reply).
-fn snapshot(sock: &Path, out: &Path, then: &str) -> String {
-    let output = Command::new(stasis_bin())
-        .args(["snapshot", "--api-sock"])
-        .arg(sock)
-        .arg("--out")
-        .arg(out)
-        .args(["--then", then])
-        .output()
-        .expect("stasis snapshot runs");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "snapshot failed: {stderr}{stdout}");
-    assert!(stdout.contains("\"snapshot\":{"), "reply: {stdout}");
-    stdout
 }
 
 /// Waits until the socket file exists (the VMM serves it before the vCPUs
@@ -109,15 +87,6 @@ fn restore_and_check(dir: &Path, snap: &Path, extra: &[&str], sha: &str, tick_be
     (guest, sock)
 }
 
-/// Powers the guest off; returns everything it printed.
-fn poweroff(mut guest: Guest) -> String {
-    guest.send_line("poweroff -f");
-    let (status, output) = guest.wait_exit(EXIT_TIMEOUT);
-    assert!(status.success(), "exit status {status} after poweroff; output:\n{output}");
-    assert!(!output.contains("stasis: error"), "{output}");
-    output
-}
-
 /// The `key=value` fields of the restore report line a restored VM prints
 /// on stderr when it ends.
 fn restore_report(output: &str) -> std::collections::HashMap<String, String> {
@@ -141,7 +110,7 @@ fn lazy_restore_resumes_the_same_guest() {
     let snap = dir.path().join("snap");
     let (sha, tick) = prepare_snapshot(dir.path(), &snap, &[]);
     let (guest, _) = restore_and_check(dir.path(), &snap, &[], &sha, tick, "r1");
-    let output = poweroff(guest);
+    let output = guest.poweroff();
     // With RUST_LOG=stasis=debug the restore's phases show here too.
     for line in output.lines().filter(|l| l.contains("restore: ")) {
         eprintln!("{line}");
@@ -170,7 +139,7 @@ fn restored_guest_can_be_snapshotted_and_restored_again() {
     assert!(status.success(), "{status}\n{output}");
     let tick2 = last_tick(&output).expect("ticks");
     let (guest, _) = restore_and_check(dir.path(), &snap2, &[], &sha, tick2, "r2");
-    poweroff(guest);
+    guest.poweroff();
 }
 
 #[test]
@@ -182,7 +151,7 @@ fn eager_restore_resumes_the_same_guest() {
     let snap = dir.path().join("snap");
     let (sha, tick) = prepare_snapshot(dir.path(), &snap, &[]);
     let (guest, _) = restore_and_check(dir.path(), &snap, &["--memory", "eager"], &sha, tick, "r1");
-    let report = restore_report(&poweroff(guest));
+    let report = restore_report(&guest.poweroff());
     assert_eq!(report["memory"], "eager");
     assert!(!report.contains_key("faults"), "an eager restore reported faults: {report:?}");
 }
@@ -198,7 +167,7 @@ fn two_vcpu_guest_restores() {
     let (mut guest, _) = restore_and_check(dir.path(), &snap, &[], &sha, tick, "r1");
     let cpus = guest.query("CPUS", "echo CPUS=$(grep -c ^processor /proc/cpuinfo)");
     assert_eq!(cpus, "2");
-    poweroff(guest);
+    guest.poweroff();
 }
 
 /// `stasis CMD --api-sock SOCK`; returns its stdout (the JSON reply).
@@ -246,7 +215,7 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     assert!(snap.join("manifest.json").is_file() && snap.join("memory.ckpt").is_file());
     let before = last_tick(&guest.output()).expect("ticks");
     guest.wait_until("ticks after the snapshot", COMMAND_TIMEOUT, |t| last_tick(t).is_some_and(|n| n >= before + 2));
-    poweroff(guest);
+    guest.poweroff();
 }
 
 /// Runs here, without KVM: how the tests read the guest's counter.

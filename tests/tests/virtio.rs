@@ -15,17 +15,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use stasis_e2e::{boot_args, guest_image, repo_root, run_in_kvm_host, run_in_kvm_host_carrying, stasis_bin, Guest, COMMAND_TIMEOUT};
+use stasis_e2e::{
+    boot_args, guest_image, repo_root, run_in_kvm_host, run_in_kvm_host_carrying, scratch, snapshot, Guest,
+    COMMAND_TIMEOUT, EXIT_TIMEOUT,
+};
 
-const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Moving tens of MiB through a device under nested KVM.
 const WORK_TIMEOUT: Duration = Duration::from_secs(600);
 /// The default command line with the root file system on the first disk.
 const ROOT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet root=/dev/vda";
-
-fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("stasis-virtio").tempdir().expect("tempdir")
-}
 
 fn text(path: &Path) -> String {
     path.to_str().expect("utf-8 path").to_string()
@@ -47,28 +45,6 @@ fn boot(extra: &[String]) -> Guest {
 
 fn root_args(disk: &Path) -> Vec<String> {
     vec!["--disk".into(), text(disk), "--cmdline".into(), ROOT_CMDLINE.into()]
-}
-
-fn poweroff(mut guest: Guest) -> String {
-    guest.send_line("poweroff -f");
-    let (status, output) = guest.wait_exit(EXIT_TIMEOUT);
-    assert!(status.success(), "exit status {status} after poweroff; output:\n{output}");
-    assert!(!output.contains("stasis: error"), "{output}");
-    output
-}
-
-/// Waits for a `MARKER=value` line after typing `command`, allowing `timeout`.
-fn query_slow(guest: &mut Guest, marker: &str, command: &str, timeout: Duration) -> String {
-    let from = guest.output().len();
-    guest.send_line(command);
-    let prefix = format!("{marker}=");
-    let found = |t: &str| {
-        stasis_e2e::complete_lines(t.get(from..).unwrap_or(""))
-            .filter_map(|l| l.split_once(&prefix).map(|(_, v)| v.trim().to_string()))
-            .find(|v| !v.is_empty() && !v.contains('$'))
-    };
-    guest.wait_until(&format!("{prefix}…"), timeout, |t| found(t).is_some());
-    found(&guest.output()).expect("seen above")
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -107,7 +83,7 @@ fn root_on_disk_persists_across_boots_and_rng_feeds_the_guest() {
     let rng = guest.query("RNG", "echo RNG=$(cat /sys/class/misc/hw_random/rng_current)");
     let hex = guest.query("HWRNG", "echo HWRNG=$(head -c 32 /dev/hwrng | od -An -tx1 | tr -d ' \\n')");
     let mark = guest.query("MARK", "echo written-$RANDOM-$RANDOM > /root/marker; sync; echo MARK=$(cat /root/marker)");
-    let output = poweroff(guest);
+    let output = guest.poweroff();
     assert_eq!(root, "/dev/vda", "root is not on the disk; output:\n{output}");
     assert!(rng.starts_with("virtio_rng"), "current hwrng is {rng:?}; output:\n{output}");
     assert_eq!(hex.len(), 64, "read {hex:?} from /dev/hwrng");
@@ -115,7 +91,7 @@ fn root_on_disk_persists_across_boots_and_rng_feeds_the_guest() {
 
     let mut guest = boot(&root_args(&disk));
     let again = guest.query("MARK", "echo MARK=$(cat /root/marker)");
-    let output = poweroff(guest);
+    let output = guest.poweroff();
     assert_eq!(again, mark, "file written before power-off is gone after the next boot; output:\n{output}");
 }
 
@@ -137,21 +113,20 @@ fn read_only_disk_refuses_writes_and_a_second_disk_round_trips_64_mib() {
     drop(payload);
 
     let mut guest = boot(&["--disk".into(), text(&data), "--disk".into(), format!("{},ro", text(&ro))]);
-    let copied = query_slow(
-        &mut guest,
+    let copied = guest.query_within(
         "COPIED",
         "dd if=/dev/vdb of=/dev/vda bs=1M count=64 conv=fsync 2>/dev/null; echo COPIED=$?",
         WORK_TIMEOUT,
     );
-    let read = query_slow(
-        &mut guest,
+    let read = guest.query_within(
         "READ",
         "echo 3 > /proc/sys/vm/drop_caches; echo READ=$(head -c 67108864 /dev/vda | sha256sum | cut -d' ' -f1)",
         WORK_TIMEOUT,
     );
     let ro_flag = guest.query("ROFLAG", "echo ROFLAG=$(blockdev --getro /dev/vdb)");
-    let ro_write = guest.query("ROWRITE", "dd if=/dev/zero of=/dev/vdb bs=4096 count=1 conv=fsync 2>/dev/null; echo ROWRITE=$?");
-    let output = poweroff(guest);
+    let ro_write =
+        guest.query("ROWRITE", "dd if=/dev/zero of=/dev/vdb bs=4096 count=1 conv=fsync 2>/dev/null; echo ROWRITE=$?");
+    let output = guest.poweroff();
     assert_eq!(copied, "0", "copying 64 MiB between the disks failed; output:\n{output}");
     assert_eq!(read, sha, "the data disk gave back other bytes than were written; output:\n{output}");
     assert_eq!(file_sha256(&data, 64 << 20), sha, "the data image holds other bytes than the guest wrote");
@@ -179,33 +154,42 @@ fn connect_to_guest(uds: &Path, port: u32) -> UnixStream {
     }
 }
 
+/// The next connection on `listener`, waiting at most until `deadline`.
+fn accept_by(listener: &UnixListener, deadline: Instant) -> UnixStream {
+    listener.set_nonblocking(true).expect("non-blocking listener");
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).expect("blocking stream");
+                stream.set_read_timeout(Some(WORK_TIMEOUT)).expect("read timeout");
+                return stream;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "the guest did not connect in time");
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
 /// Accepts `count` connections on `listener` and returns what each sent;
-/// panics (in the joining thread) if they do not all arrive within
+/// the joining thread panics if they do not all arrive within
 /// `WORK_TIMEOUT`, so a guest that never connects fails the test instead
 /// of hanging it.
 fn receive_all(listener: UnixListener, count: usize) -> thread::JoinHandle<Vec<Vec<u8>>> {
     thread::spawn(move || {
-        listener.set_nonblocking(true).expect("non-blocking listener");
         let deadline = Instant::now() + WORK_TIMEOUT;
-        let mut handlers = Vec::new();
-        while handlers.len() < count {
-            match listener.accept() {
-                Ok((mut stream, _)) => {
-                    stream.set_nonblocking(false).expect("blocking stream");
-                    stream.set_read_timeout(Some(WORK_TIMEOUT)).expect("read timeout");
-                    handlers.push(thread::spawn(move || {
-                        let mut data = Vec::new();
-                        stream.read_to_end(&mut data).expect("read what the guest sent");
-                        data
-                    }));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    assert!(Instant::now() < deadline, "only {} of {count} guest connections arrived", handlers.len());
-                    thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => panic!("accept: {e}"),
-            }
-        }
+        let handlers: Vec<_> = (0..count)
+            .map(|_| {
+                let mut stream = accept_by(&listener, deadline);
+                thread::spawn(move || {
+                    let mut data = Vec::new();
+                    stream.read_to_end(&mut data).expect("read what the guest sent");
+                    data
+                })
+            })
+            .collect();
         handlers.into_iter().map(|h| h.join().expect("reader")).collect()
     })
 }
@@ -232,12 +216,13 @@ fn vsock_carries_32_mib_each_way_and_many_connections() {
     stream.shutdown(std::net::Shutdown::Write).expect("half-close");
     let mut rest = Vec::new();
     stream.read_to_end(&mut rest).expect("guest closes");
-    let got = query_slow(&mut guest, "INSHA", "wait; echo INSHA=$(sha256sum /tmp/in | cut -d' ' -f1)", WORK_TIMEOUT);
+    let got = guest.query_within("INSHA", "wait; echo INSHA=$(sha256sum /tmp/in | cut -d' ' -f1)", WORK_TIMEOUT);
     assert_eq!(got, sha256_hex(&payload), "the guest received other bytes than the host sent");
 
     // Guest to host: the guest sends the 32 MiB back to a host port.
     let incoming = receive_all(listen(&uds, 5001), 1);
-    let rc = query_slow(&mut guest, "OUTRC", "stasis-vsock connect 2 5001 </tmp/in >/dev/null; echo OUTRC=$?", WORK_TIMEOUT);
+    let rc =
+        guest.query_within("OUTRC", "stasis-vsock connect 2 5001 </tmp/in >/dev/null; echo OUTRC=$?", WORK_TIMEOUT);
     let received = incoming.join().expect("host side").remove(0);
     assert_eq!(rc, "0", "stasis-vsock connect failed");
     assert_eq!(received.len(), 32 << 20, "host got {} bytes", received.len());
@@ -245,9 +230,7 @@ fn vsock_carries_32_mib_each_way_and_many_connections() {
 
     // Eight at once.
     let incoming = receive_all(listen(&uds, 5002), 8);
-    let done = query_slow(
-        &mut guest,
-        "MANY",
+    let done = guest.query_within("MANY",
         "for i in 1 2 3 4 5 6 7 8; do (echo conn$i; head -c 1048576 /dev/zero) | stasis-vsock connect 2 5002 >/dev/null & done; wait; echo MANY=done",
         WORK_TIMEOUT,
     );
@@ -267,22 +250,8 @@ fn vsock_carries_32_mib_each_way_and_many_connections() {
 
     // Nobody listens on host port 5999: refused at once, no hang.
     let refused = guest.query("REFUSED", "stasis-vsock connect 2 5999 </dev/null; echo REFUSED=$?");
-    let output = poweroff(guest);
+    let output = guest.poweroff();
     assert_ne!(refused, "0", "connect to a port nobody listens on succeeded; output:\n{output}");
-}
-
-/// `stasis snapshot --api-sock SOCK --out OUT --then THEN`.
-fn snapshot(sock: &Path, out: &Path, then: &str) {
-    let output = Command::new(stasis_bin())
-        .args(["snapshot", "--api-sock"])
-        .arg(sock)
-        .arg("--out")
-        .arg(out)
-        .args(["--then", then])
-        .output()
-        .expect("stasis snapshot runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "snapshot failed: {}{stdout}", String::from_utf8_lossy(&output.stderr));
 }
 
 fn e2fsck() -> String {
@@ -305,38 +274,31 @@ fn snapshot_with_disk_and_vsock_restores_lazily() {
     args.extend(["--vsock".into(), format!("3,{}", text(&uds)), "--api-sock".into(), text(&sock)]);
     let mut guest = boot(&args);
 
-    let sha = query_slow(
-        &mut guest,
-        "FSHA",
+    let sha = guest.query_within("FSHA",
         "dd if=/dev/urandom of=/root/file bs=1M count=16 2>/dev/null; sync; echo FSHA=$(sha256sum /root/file | cut -d' ' -f1)",
         WORK_TIMEOUT,
     );
     // A writer that keeps the disk busy through the snapshot, and an open
     // vsock connection.
     guest.send_line("(i=0; while true; do i=$((i+1)); echo $i >/root/counter; sync; sleep 0.2; done) &");
-    let held = receive_all(listen(&uds, 5003), 1);
+    let listener = listen(&uds, 5003);
     guest.send_line("sleep 600 | stasis-vsock connect 2 5003 >/dev/null &");
-    thread::sleep(Duration::from_secs(2));
+    let mut held = accept_by(&listener, Instant::now() + COMMAND_TIMEOUT);
     let snap = dir.path().join("snap");
     snapshot(&sock, &snap, "exit");
     let (status, output) = guest.wait_exit(EXIT_TIMEOUT);
     assert!(status.success(), "VM did not end after snapshot --then exit: {status}\n{output}");
     // The connection ended with the VM: the host side sees its end.
-    let _ = held.join();
+    let mut rest = Vec::new();
+    assert!(held.read_to_end(&mut rest).is_ok(), "the held connection did not end with the VM");
     assert!(snap.join("disk0.img").is_file(), "no disk copy in the snapshot");
 
     let disks = dir.path().join("restored-disks");
     let sock2 = dir.path().join("api2.sock");
-    let restore = vec![
-        "restore".to_string(),
-        text(&snap),
-        "--disk-dir".into(),
-        text(&disks),
-        "--api-sock".into(),
-        text(&sock2),
-    ];
+    let restore =
+        vec!["restore".to_string(), text(&snap), "--disk-dir".into(), text(&disks), "--api-sock".into(), text(&sock2)];
     let mut guest = Guest::spawn(&restore);
-    let again = query_slow(&mut guest, "RSHA", "echo RSHA=$(sha256sum /root/file | cut -d' ' -f1)", WORK_TIMEOUT);
+    let again = guest.query_within("RSHA", "echo RSHA=$(sha256sum /root/file | cut -d' ' -f1)", WORK_TIMEOUT);
     let c1: u64 = guest.query("C1", "echo C1=$(cat /root/counter)").parse().expect("counter");
     thread::sleep(Duration::from_secs(2));
     let c2: u64 = guest.query("C2", "echo C2=$(cat /root/counter)").parse().expect("counter");
@@ -346,7 +308,7 @@ fn snapshot_with_disk_and_vsock_restores_lazily() {
     let received = incoming.join().expect("host side").remove(0);
     // Stop the writer and leave the file system clean for fsck.
     guest.send_line("kill %1 %2 2>/dev/null; sync; mount -o remount,ro /; echo REMOUNTED=yes");
-    let output = poweroff(guest);
+    let output = guest.poweroff();
     assert_eq!(again, sha, "file written before the snapshot changed; output:\n{output}");
     assert!(c2 > c1, "the disk writer did not go on after restore ({c1} then {c2}); output:\n{output}");
     assert_eq!(rc, "0", "vsock connect after restore failed; output:\n{output}");
