@@ -7,6 +7,8 @@
 //! skipped quietly: a missing binary or guest image fails the test with a
 //! message saying how to build it.
 
+pub mod bench;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};

@@ -60,14 +60,13 @@
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use stasis_e2e::{Guest, READY};
+use stasis_e2e::bench::{self, emit, guarded, last_chars, note, secs, wait_marker, CommonOpts, Res};
+use stasis_e2e::{complete_lines, Guest, READY};
 
 /// The guest's command line, the same under every VMM (QEMU's microvm
 /// has no PCI either).
@@ -81,8 +80,6 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 const WORK_TIMEOUT: Duration = Duration::from_secs(600);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 
-type Res<T> = Result<T, String>;
-
 fn usage() -> ! {
     eprintln!(
         "usage: device-bench [--quick] [--only disk,vsock] [--vmms stasis,qemu] [--firecracker PATH]\n\
@@ -95,7 +92,7 @@ fn usage() -> ! {
 }
 
 struct Opts {
-    quick: bool,
+    common: CommonOpts,
     disk: bool,
     vsock: bool,
     stasis_vm: bool,
@@ -107,19 +104,12 @@ struct Opts {
     runs: usize,
     vsock_mib: u64,
     connects: usize,
-    stasis: PathBuf,
-    images: PathBuf,
-    qemu_bin: PathBuf,
-    qemu_cpu: String,
-    work: PathBuf,
-    keep: bool,
 }
 
 impl Opts {
     fn parse() -> Opts {
-        let root = stasis_e2e::repo_root();
         let mut o = Opts {
-            quick: false,
+            common: CommonOpts::new("device-bench"),
             disk: true,
             vsock: true,
             stasis_vm: true,
@@ -131,36 +121,13 @@ impl Opts {
             runs: 0,
             vsock_mib: 0,
             connects: 0,
-            stasis: root.join("target/release/stasis"),
-            images: root.join("guest-images/out"),
-            qemu_bin: PathBuf::from("qemu-system-x86_64"),
-            qemu_cpu: "host".to_string(),
-            work: std::env::temp_dir().join(format!("device-bench.{}", std::process::id())),
-            keep: false,
         };
-        let mut args = std::env::args().skip(1);
         let num = |v: String| v.parse::<u64>().ok().filter(|&n| n > 0).unwrap_or_else(|| usage());
-        while let Some(arg) = args.next() {
-            let mut value = || args.next().unwrap_or_else(|| usage());
-            match arg.as_str() {
-                "--quick" => o.quick = true,
-                "--only" => {
-                    let only = value();
-                    let parts: Vec<&str> = only.split(',').map(str::trim).collect();
-                    if parts.iter().any(|p| !["disk", "vsock"].contains(p)) {
-                        usage();
-                    }
-                    o.disk = parts.contains(&"disk");
-                    o.vsock = parts.contains(&"vsock");
-                }
+        bench::parse_args(usage, |arg, value| {
+            match arg {
+                "--only" => [o.disk, o.vsock] = bench::flags(&value(), ["disk", "vsock"]).unwrap_or_else(|| usage()),
                 "--vmms" => {
-                    let vmms = value();
-                    let parts: Vec<&str> = vmms.split(',').map(str::trim).collect();
-                    if parts.iter().any(|p| !["stasis", "qemu"].contains(p)) {
-                        usage();
-                    }
-                    o.stasis_vm = parts.contains(&"stasis");
-                    o.qemu_vm = parts.contains(&"qemu");
+                    [o.stasis_vm, o.qemu_vm] = bench::flags(&value(), ["stasis", "qemu"]).unwrap_or_else(|| usage())
                 }
                 "--firecracker" => o.firecracker = Some(PathBuf::from(value())),
                 "--disk-mib" => o.disk_mib = num(value()),
@@ -169,16 +136,12 @@ impl Opts {
                 "--runs" => o.runs = num(value()) as usize,
                 "--vsock-mib" => o.vsock_mib = num(value()),
                 "--connects" => o.connects = num(value()) as usize,
-                "--stasis" => o.stasis = PathBuf::from(value()),
-                "--images" => o.images = PathBuf::from(value()),
-                "--qemu" => o.qemu_bin = PathBuf::from(value()),
-                "--qemu-cpu" => o.qemu_cpu = value(),
-                "--work" => o.work = PathBuf::from(value()),
-                "--keep" => o.keep = true,
-                _ => usage(),
+                _ => return o.common.take(arg, value),
             }
-        }
-        let pick = |set: u64, full: u64, quick: u64| if set > 0 { set } else if o.quick { quick } else { full };
+            true
+        });
+        let quick = o.common.quick;
+        let pick = |set: u64, full: u64, fast: u64| if set > 0 { set } else if quick { fast } else { full };
         o.seq_mib = pick(o.seq_mib, 256, 128).min(o.disk_mib);
         o.rand_seconds = pick(o.rand_seconds, 20, 5);
         o.runs = pick(o.runs as u64, 3, 1) as usize;
@@ -187,141 +150,16 @@ impl Opts {
         o
     }
 
-    fn kernel(&self) -> PathBuf {
-        self.images.join("vmlinux")
-    }
-
-    fn initrd(&self) -> PathBuf {
-        self.images.join("initramfs.cpio.gz")
-    }
-
     fn data_disk(&self) -> PathBuf {
-        self.work.join("data.img")
-    }
-}
-
-// ---- Output ------------------------------------------------------------------
-
-static STARTED: Mutex<Option<Instant>> = Mutex::new(None);
-
-/// A progress note on stderr, with the seconds since the start.
-fn note(text: &str) {
-    let started = *STARTED.lock().unwrap_or_else(|e| e.into_inner());
-    let t = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
-    eprintln!("device-bench: [{t:7.1}s] {text}");
-}
-
-/// `error="…"`: one line, no double quotes inside, bounded.
-fn error_field(reason: &str) -> String {
-    let mut text: String = reason.replace(['\n', '\r'], " ").replace('"', "'");
-    if text.len() > 300 {
-        let mut cut = 300;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-        text.push('…');
-    }
-    format!("error=\"{text}\"")
-}
-
-/// Prints `prefix` and the fields, or the error; returns whether it failed.
-fn emit(prefix: &str, result: &Res<String>) -> bool {
-    match result {
-        Ok(fields) => {
-            println!("{prefix} {fields}");
-            false
-        }
-        Err(e) => {
-            println!("{prefix} {}", error_field(e));
-            true
-        }
-    }
-}
-
-// ---- Panics from the test helpers become errors ------------------------------
-
-static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
-
-fn install_panic_hook() {
-    panic::set_hook(Box::new(|info| {
-        let msg = if let Some(s) = info.payload().downcast_ref::<&str>() {
-            (*s).to_string()
-        } else if let Some(s) = info.payload().downcast_ref::<String>() {
-            s.clone()
-        } else {
-            "panic".to_string()
-        };
-        let mut shown: String = msg.chars().take(4000).collect();
-        if shown.len() < msg.len() {
-            shown.push_str(" […]");
-        }
-        eprintln!("device-bench: failed: {shown}");
-        *LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
-    }));
-}
-
-/// Runs `f`; a panic (the Guest helpers panic on timeouts) becomes an
-/// error naming its first line.
-fn guarded<T>(f: impl FnOnce() -> Res<T>) -> Res<T> {
-    match panic::catch_unwind(AssertUnwindSafe(f)) {
-        Ok(result) => result,
-        Err(_) => {
-            let msg = LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
-            Err(msg.and_then(|m| m.lines().next().map(str::to_string)).unwrap_or_else(|| "panic".into()))
-        }
+        self.common.work.join("data.img")
     }
 }
 
 // ---- The guest console ----------------------------------------------------------
 
-/// The lines of `text` a newline has ended.
-fn complete_lines(text: &str) -> impl Iterator<Item = &str> {
-    text.rfind('\n').map_or("", |end| &text[..end]).lines()
-}
-
-/// The value of `MARKER=value` in a complete line after byte `from`,
-/// skipping the echo of the typed command (which holds `$`).
-fn marker_value(text: &str, from: usize, marker: &str) -> Option<String> {
-    let prefix = format!("{marker}=");
-    complete_lines(text.get(from..).unwrap_or("")).find_map(|line| {
-        let start = line.find(&prefix)?;
-        let value = line[start + prefix.len()..].trim();
-        let value = value.split_whitespace().next()?;
-        (!line.contains('$')).then(|| value.to_string())
-    })
-}
-
-fn wait_marker(guest: &Guest, from: usize, marker: &str, timeout: Duration) -> Res<String> {
-    guest.wait_until(&format!("{marker}=…"), timeout, |t| marker_value(t, from, marker).is_some());
-    marker_value(&guest.output(), from, marker).ok_or_else(|| format!("no {marker}= line"))
-}
-
-/// Types `command` (which must print `MARKER=value` and hold a `$`) and
-/// waits for the value.
-fn ask(guest: &mut Guest, command: &str, marker: &str, timeout: Duration) -> Res<String> {
-    let from = guest.output().len();
-    guest.send_line(command);
-    wait_marker(guest, from, marker, timeout)
-}
-
 /// A `KEY=value` field of a line.
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-}
-
-fn last_chars(text: &str, n: usize) -> String {
-    let chars: Vec<char> = text.chars().collect();
-    chars[chars.len().saturating_sub(n)..].iter().collect()
-}
-
-fn poweroff(mut guest: Guest) -> Res<()> {
-    guest.send_line("poweroff -f");
-    let (status, output) = guest.wait_exit(EXIT_TIMEOUT);
-    if !status.success() {
-        return Err(format!("exit status {status} after poweroff: {}", last_chars(&output, 400)));
-    }
-    Ok(())
 }
 
 // ---- The data disk ----------------------------------------------------------------
@@ -370,7 +208,7 @@ impl Vmm {
 }
 
 fn vsock_uds(o: &Opts, vmm: Vmm) -> PathBuf {
-    o.work.join(format!("{}-vsock.sock", vmm.name()))
+    o.common.work.join(format!("{}-vsock.sock", vmm.name()))
 }
 
 fn boot_command(o: &Opts, vmm: Vmm) -> Res<Command> {
@@ -379,15 +217,8 @@ fn boot_command(o: &Opts, vmm: Vmm) -> Res<Command> {
     let _ = fs::remove_file(&uds);
     Ok(match vmm {
         Vmm::Stasis => {
-            let mut cmd = Command::new(&o.stasis);
-            cmd.arg("boot")
-                .arg("--kernel")
-                .arg(o.kernel())
-                .arg("--initrd")
-                .arg(o.initrd())
-                .args(["--cmdline", CMDLINE, "--vcpus", "1"])
-                .arg("--memory")
-                .arg(format!("{MEM_MIB}M"))
+            let mut cmd = o.common.stasis_boot(CMDLINE, MEM_MIB);
+            cmd.args(["--vcpus", "1"])
                 .arg("--disk")
                 .arg(&disk)
                 .arg("--vsock")
@@ -396,16 +227,8 @@ fn boot_command(o: &Opts, vmm: Vmm) -> Res<Command> {
             cmd
         }
         Vmm::Qemu => {
-            let mut cmd = Command::new(&o.qemu_bin);
-            cmd.args(["-M", "microvm,acpi=on", "-enable-kvm", "-cpu", &o.qemu_cpu, "-smp", "1"])
-                .arg("-m")
-                .arg(format!("{MEM_MIB}M"))
-                .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"])
-                .arg("-kernel")
-                .arg(o.kernel())
-                .arg("-initrd")
-                .arg(o.initrd())
-                .args(["-append", CMDLINE])
+            let mut cmd = o.common.qemu(CMDLINE, MEM_MIB);
+            cmd.args(["-M", "microvm,acpi=on"])
                 .arg("-drive")
                 .arg(format!("id=d0,file={},format=raw,if=none,{QEMU_DISK_CACHE}", disk.display()))
                 .args(["-device", "virtio-blk-device,drive=d0"]);
@@ -413,16 +236,16 @@ fn boot_command(o: &Opts, vmm: Vmm) -> Res<Command> {
         }
         Vmm::Firecracker => {
             let fc = o.firecracker.as_ref().ok_or("no --firecracker")?;
-            let api = o.work.join("firecracker-api.sock");
+            let api = o.common.work.join("firecracker-api.sock");
             let _ = fs::remove_file(&api);
-            let config = o.work.join("firecracker.json");
+            let config = o.common.work.join("firecracker.json");
             let json = format!(
                 r#"{{"boot-source":{{"kernel_image_path":"{}","initrd_path":"{}","boot_args":"{CMDLINE}"}},
 "drives":[{{"drive_id":"data","path_on_host":"{}","is_root_device":false,"is_read_only":false}}],
 "machine-config":{{"vcpu_count":1,"mem_size_mib":{MEM_MIB}}},
 "vsock":{{"guest_cid":{CID},"uds_path":"{}"}}}}"#,
-                o.kernel().display(),
-                o.initrd().display(),
+                o.common.kernel().display(),
+                o.common.initrd().display(),
                 disk.display(),
                 uds.display()
             );
@@ -437,25 +260,18 @@ fn boot_command(o: &Opts, vmm: Vmm) -> Res<Command> {
 /// QEMU's disk caching, chosen to match stasis (see the header).
 const QEMU_DISK_CACHE: &str = "cache=writeback,aio=threads";
 
-fn version_of(bin: &Path) -> Res<String> {
-    let out = Command::new(bin)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
-    if !out.status.success() {
-        return Err(format!("{} --version failed: {}", bin.display(), String::from_utf8_lossy(&out.stderr).trim()));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").trim().replace('"', "'"))
+/// The first line of `bin --version`, fit for a quoted field.
+fn version_field(bin: &Path) -> Res<String> {
+    Ok(bench::version_of(bin)?.replace('"', "'"))
 }
 
 fn vmm_line(o: &Opts, vmm: Vmm) -> Res<String> {
     Ok(match vmm {
         Vmm::Stasis => "disk=\"preadv/pwritev, host page cache\"".to_string(),
-        Vmm::Qemu => format!("version=\"{}\" disk=\"{QEMU_DISK_CACHE}\"", version_of(&o.qemu_bin)?),
+        Vmm::Qemu => format!("version=\"{}\" disk=\"{QEMU_DISK_CACHE}\"", version_field(&o.common.qemu_bin)?),
         Vmm::Firecracker => {
             let fc = o.firecracker.as_deref().ok_or("no --firecracker")?;
-            format!("version=\"{}\" disk=\"io_engine=Sync (pread/pwrite, host page cache)\"", version_of(fc)?)
+            format!("version=\"{}\" disk=\"io_engine=Sync (pread/pwrite, host page cache)\"", version_field(fc)?)
         }
     })
 }
@@ -668,11 +484,13 @@ fn bench_vmm(o: &Opts, vmm: Vmm) -> bool {
         let mut guest = Guest::spawn_command(boot_command(o, vmm)?);
         guest.expect(READY, BOOT_TIMEOUT);
         let boot = t.elapsed();
-        let vda = ask(&mut guest, "test -b /dev/vda; echo HAVE_VDA=$?", "HAVE_VDA", ANSWER_TIMEOUT)?;
+        let from = guest.output().len();
+        guest.send_line("test -b /dev/vda; echo HAVE_VDA=$?");
+        let vda = wait_marker(&guest, from, "HAVE_VDA", ANSWER_TIMEOUT)?;
         if vda != "0" {
             return Err(format!("the guest has no /dev/vda: {}", last_chars(&guest.output(), 400)));
         }
-        Ok((guest, format!("{info} boot_s={:.3}", boot.as_secs_f64())))
+        Ok((guest, format!("{info} boot_s={}", secs(boot))))
     });
     let mut guest = match booted {
         Ok((guest, info)) => {
@@ -703,7 +521,7 @@ fn bench_vmm(o: &Opts, vmm: Vmm) -> bool {
         let r = guarded(|| vsock_connects(o, &mut guest, &uds));
         failed |= emit(&format!("vsock vmm={name} test=connect"), &r);
     }
-    if let Err(e) = guarded(|| poweroff(guest)) {
+    if let Err(e) = guarded(|| bench::poweroff(guest, EXIT_TIMEOUT)) {
         // Firecracker exits non-zero on some guest reboots; the figures stand.
         eprintln!("device-bench: {name}: {e}");
         failed |= vmm != Vmm::Firecracker;
@@ -711,57 +529,9 @@ fn bench_vmm(o: &Opts, vmm: Vmm) -> bool {
     failed
 }
 
-// ---- The machine -----------------------------------------------------------------------
-
-fn machine_line(o: &Opts) -> String {
-    let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
-    let kernel = read("/proc/sys/kernel/osrelease").trim().to_string();
-    let cpuinfo = read("/proc/cpuinfo");
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().replace('"', "'")))
-        .unwrap_or_else(|| "unknown".into());
-    let cpus = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
-    let mem_mib = read("/proc/meminfo")
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
-        .map_or("-".to_string(), |kb| (kb / 1024).to_string());
-    let kvm = ["kvm_amd", "kvm_intel"]
-        .into_iter()
-        .find(|m| Path::new("/sys/module").join(m).exists())
-        .unwrap_or("none");
-    // scripts/testhost's L1 init reads its settings from this file.
-    let testhost = if Path::new("/testhost/run.conf").exists() { "yes" } else { "no" };
-    format!(
-        "machine kernel={kernel} cpu=\"{cpu}\" cpus={cpus} mem_mib={mem_mib} kvm={kvm} testhost={testhost} quick={}",
-        if o.quick { "yes" } else { "no" }
-    )
-}
-
 fn main() {
     let o = Opts::parse();
-    *STARTED.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-    install_panic_hook();
-    println!("{}", machine_line(&o));
-
-    let hw_kvm = ["kvm_amd", "kvm_intel"].iter().any(|m| Path::new("/sys/module").join(m).exists());
-    if !hw_kvm || !Path::new("/dev/kvm").exists() {
-        eprintln!(
-            "device-bench: error: this host's KVM is not hardware-backed (no kvm_amd or kvm_intel); \
-             run scripts/bench-devices, which runs this inside scripts/testhost"
-        );
-        std::process::exit(2);
-    }
-    for (what, path) in [("stasis", o.stasis.clone()), ("kernel", o.kernel()), ("initramfs", o.initrd())] {
-        if !path.is_file() {
-            eprintln!("device-bench: error: {what} {} is missing (cargo build --release -p stasis; guest-images/build)", path.display());
-            std::process::exit(2);
-        }
-    }
-    if let Err(e) = fs::create_dir_all(&o.work) {
-        eprintln!("device-bench: error: cannot create {}: {e}", o.work.display());
-        std::process::exit(2);
-    }
+    bench::start("device-bench", "scripts/bench-devices", &o.common);
 
     note(&format!("writing the {} MiB data disk", o.disk_mib));
     let created = create_data_disk(&o.data_disk(), o.disk_mib);
@@ -784,11 +554,5 @@ fn main() {
             failed |= bench_vmm(&o, vmm);
         }
     }
-    if !o.keep {
-        let _ = fs::remove_dir_all(&o.work);
-    }
-    note(if failed { "done, with failures" } else { "done" });
-    if failed {
-        std::process::exit(1);
-    }
+    bench::finish(&o.common, failed);
 }

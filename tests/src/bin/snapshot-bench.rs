@@ -77,13 +77,14 @@
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::panic::{self, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use stasis_e2e::bench::{
+    self, ask, emit, error_field, guarded, last_chars, marker_value, note, poweroff, secs, CommonOpts, Res,
+};
 use stasis_e2e::{Guest, READY};
 
 /// The guest's command line under stasis (its default when this was
@@ -111,8 +112,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(1800);
 /// The command typed to see whether the console answers; prints `PONG=2`.
 const PING: &str = "echo PONG=$((1+1))";
 
-type Res<T> = Result<T, String>;
-
 fn usage() -> ! {
     eprintln!(
         "usage: snapshot-bench [--quick] [--sizes MiB,MiB,...] [--only restore,read512,qemu]\n\
@@ -124,207 +123,69 @@ fn usage() -> ! {
 }
 
 struct Opts {
-    quick: bool,
+    common: CommonOpts,
     sizes: Vec<u64>,
     restore: bool,
     read: bool,
     qemu: bool,
     read_mib: Option<u64>,
     read_guest_mib: Option<u64>,
-    stasis: PathBuf,
-    images: PathBuf,
-    qemu_bin: PathBuf,
-    qemu_cpu: String,
-    work: PathBuf,
-    keep: bool,
 }
 
 impl Opts {
     fn parse() -> Opts {
-        let root = stasis_e2e::repo_root();
         let mut o = Opts {
-            quick: false,
+            common: CommonOpts::new("snapshot-bench"),
             sizes: Vec::new(),
             restore: true,
             read: true,
             qemu: true,
             read_mib: None,
             read_guest_mib: None,
-            stasis: root.join("target/release/stasis"),
-            images: root.join("guest-images/out"),
-            qemu_bin: PathBuf::from("qemu-system-x86_64"),
-            qemu_cpu: "host".to_string(),
-            work: std::env::temp_dir().join(format!("snapshot-bench.{}", std::process::id())),
-            keep: false,
         };
-        let mut args = std::env::args().skip(1);
-        while let Some(arg) = args.next() {
-            let mut value = || args.next().unwrap_or_else(|| usage());
-            match arg.as_str() {
-                "--quick" => o.quick = true,
+        bench::parse_args(usage, |arg, value| {
+            match arg {
                 "--sizes" => {
                     o.sizes = value().split(',').map(|s| s.trim().parse().unwrap_or_else(|_| usage())).collect()
                 }
                 "--only" => {
-                    let only = value();
-                    let parts: Vec<&str> = only.split(',').map(str::trim).collect();
-                    if parts.iter().any(|p| !["restore", "read512", "qemu"].contains(p)) {
-                        usage();
-                    }
-                    o.restore = parts.contains(&"restore");
-                    o.read = parts.contains(&"read512");
-                    o.qemu = parts.contains(&"qemu");
+                    [o.restore, o.read, o.qemu] =
+                        bench::flags(&value(), ["restore", "read512", "qemu"]).unwrap_or_else(|| usage())
                 }
                 "--read-mib" => o.read_mib = Some(value().parse().unwrap_or_else(|_| usage())),
                 "--read-guest-mib" => o.read_guest_mib = Some(value().parse().unwrap_or_else(|_| usage())),
-                "--stasis" => o.stasis = PathBuf::from(value()),
-                "--images" => o.images = PathBuf::from(value()),
-                "--qemu" => o.qemu_bin = PathBuf::from(value()),
-                "--qemu-cpu" => o.qemu_cpu = value(),
-                "--work" => o.work = PathBuf::from(value()),
-                "--keep" => o.keep = true,
-                _ => usage(),
+                _ => return o.common.take(arg, value),
             }
-        }
+            true
+        });
         if o.sizes.is_empty() {
-            o.sizes = if o.quick { SIZES_QUICK } else { SIZES_FULL }.to_vec();
+            o.sizes = if o.common.quick { SIZES_QUICK } else { SIZES_FULL }.to_vec();
         }
         o
     }
 
     /// The big file's size: 512 MiB, 64 MiB with --quick.
     fn read_mib(&self) -> u64 {
-        self.read_mib.unwrap_or(if self.quick { 64 } else { 512 })
+        self.read_mib.unwrap_or(if self.common.quick { 64 } else { 512 })
     }
 
     /// The memory of the guest that holds it: 1536 MiB, 512 MiB with --quick.
     fn read_guest_mib(&self) -> u64 {
-        self.read_guest_mib.unwrap_or(if self.quick { 512 } else { 1536 })
-    }
-
-    fn kernel(&self) -> PathBuf {
-        self.images.join("vmlinux")
-    }
-
-    fn initrd(&self) -> PathBuf {
-        self.images.join("initramfs.cpio.gz")
+        self.read_guest_mib.unwrap_or(if self.common.quick { 512 } else { 1536 })
     }
 }
 
 // ---- Output ------------------------------------------------------------------
 
-static STARTED: Mutex<Option<Instant>> = Mutex::new(None);
-
-/// A progress note on stderr, with the seconds since the start.
-fn note(text: &str) {
-    let started = *STARTED.lock().unwrap_or_else(|e| e.into_inner());
-    let t = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
-    eprintln!("snapshot-bench: [{t:7.1}s] {text}");
-}
-
-/// `error="…"`: one line, no double quotes inside, bounded.
-fn error_field(reason: &str) -> String {
-    let mut text: String = reason.replace(['\n', '\r'], " ").replace('"', "'");
-    if text.len() > 300 {
-        let mut cut = 300;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-        text.push('…');
-    }
-    format!("error=\"{text}\"")
-}
-
-/// Prints `prefix` and the fields, or the error; returns whether it failed.
-fn emit(prefix: &str, result: &Res<String>) -> bool {
-    match result {
-        Ok(fields) => {
-            println!("{prefix} {fields}");
-            false
-        }
-        Err(e) => {
-            println!("{prefix} {}", error_field(e));
-            true
-        }
-    }
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
-}
-
-fn secs(d: Duration) -> String {
-    format!("{:.3}", d.as_secs_f64())
 }
 
 fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or("-".to_string(), |v| v.to_string())
 }
 
-// ---- Panics from the test helpers become errors ------------------------------
-
-static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
-
-fn install_panic_hook() {
-    panic::set_hook(Box::new(|info| {
-        let msg = if let Some(s) = info.payload().downcast_ref::<&str>() {
-            (*s).to_string()
-        } else if let Some(s) = info.payload().downcast_ref::<String>() {
-            s.clone()
-        } else {
-            "panic".to_string()
-        };
-        // The whole message (it holds the console output so far) for
-        // whoever debugs; its first line becomes the error field.
-        let mut shown: String = msg.chars().take(4000).collect();
-        if shown.len() < msg.len() {
-            shown.push_str(" […]");
-        }
-        eprintln!("snapshot-bench: failed: {shown}");
-        *LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
-    }));
-}
-
-/// Runs `f`; a panic (the Guest helpers panic on timeouts) becomes an
-/// error naming its first line.
-fn guarded<T>(f: impl FnOnce() -> Res<T>) -> Res<T> {
-    match panic::catch_unwind(AssertUnwindSafe(f)) {
-        Ok(result) => result,
-        Err(_) => {
-            let msg = LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
-            Err(msg.and_then(|m| m.lines().next().map(str::to_string)).unwrap_or_else(|| "panic".into()))
-        }
-    }
-}
-
 // ---- Small helpers -------------------------------------------------------------
-
-/// The lines of `text` a newline has ended.
-fn complete_lines(text: &str) -> impl Iterator<Item = &str> {
-    text.rfind('\n').map_or("", |end| &text[..end]).lines()
-}
-
-/// The value of `MARKER=value` in a complete line after byte `from`,
-/// skipping the echo of the typed command (which holds `$`).
-fn marker_value(text: &str, from: usize, marker: &str) -> Option<String> {
-    let prefix = format!("{marker}=");
-    complete_lines(text.get(from..).unwrap_or("")).find_map(|line| {
-        let start = line.find(&prefix)?;
-        let value = line[start + prefix.len()..].trim();
-        let value = value.split_whitespace().next()?;
-        (!line.contains('$')).then(|| value.to_string())
-    })
-}
-
-/// Types `command` (which must print `MARKER=value` and hold a `$`) and
-/// waits for the value.
-fn ask(guest: &mut Guest, command: &str, marker: &str, timeout: Duration) -> Res<String> {
-    let from = guest.output().len();
-    guest.send_line(command);
-    guest.wait_until(&format!("{marker}=… after {command:?}"), timeout, |t| marker_value(t, from, marker).is_some());
-    marker_value(&guest.output(), from, marker).ok_or_else(|| format!("no {marker}= line"))
-}
 
 /// A JSON field's raw value after `"key":` (a number, `null`, or a string
 /// without its quotes). Enough for the flat replies read here.
@@ -397,31 +258,12 @@ fn wait_for_path(path: &Path, timeout: Duration) -> Res<()> {
     Ok(())
 }
 
-fn poweroff(mut guest: Guest) -> Res<String> {
-    guest.send_line("poweroff -f");
-    let (status, output) = guest.wait_exit(EXIT_TIMEOUT);
-    if !status.success() {
-        let tail: String = output.chars().rev().take(400).collect::<Vec<_>>().into_iter().rev().collect();
-        return Err(format!("exit status {status} after poweroff: {tail}"));
-    }
-    Ok(output)
-}
-
 // ---- stasis --------------------------------------------------------------------
 
 fn boot_stasis(o: &Opts, mem_mib: u64, sock: &Path) -> Res<Guest> {
     let _ = fs::remove_file(sock);
-    let mut cmd = Command::new(&o.stasis);
-    cmd.arg("boot")
-        .arg("--kernel")
-        .arg(o.kernel())
-        .arg("--initrd")
-        .arg(o.initrd())
-        .args(["--cmdline", CMDLINE])
-        .arg("--memory")
-        .arg(format!("{mem_mib}M"))
-        .arg("--api-sock")
-        .arg(sock);
+    let mut cmd = o.common.stasis_boot(CMDLINE, mem_mib);
+    cmd.arg("--api-sock").arg(sock);
     let guest = Guest::spawn_command(cmd);
     guest.expect(READY, BOOT_TIMEOUT);
     wait_for_path(sock, ANSWER_TIMEOUT)?;
@@ -447,7 +289,7 @@ struct Snap {
 /// `stasis snapshot --then exit`, and the VM's clean exit.
 fn snapshot_exit(o: &Opts, guest: Guest, sock: &Path, out: &Path) -> Res<Snap> {
     let (wall, reply) = run_tool(
-        Command::new(&o.stasis).arg("snapshot").arg("--api-sock").arg(sock).arg("--out").arg(out).args(["--then", "exit"]),
+        Command::new(&o.common.stasis).arg("snapshot").arg("--api-sock").arg(sock).arg("--out").arg(out).args(["--then", "exit"]),
         SNAPSHOT_TIMEOUT,
     )?;
     let (status, output) = guest.wait_exit(EXIT_TIMEOUT);
@@ -457,11 +299,6 @@ fn snapshot_exit(o: &Opts, guest: Guest, sock: &Path, out: &Path) -> Res<Snap> {
     Ok(Snap { wall, paused_ms: json_num(&reply, "paused_ms"), bytes: dir_bytes(out)? })
 }
 
-fn last_chars(text: &str, n: usize) -> String {
-    let chars: Vec<char> = text.chars().collect();
-    chars[chars.len().saturating_sub(n)..].iter().collect()
-}
-
 struct Restored {
     guest: Guest,
     first_answer: Duration,
@@ -469,7 +306,7 @@ struct Restored {
 
 fn restore_stasis(o: &Opts, dir: &Path, args: &[&str], sock: &Path) -> Res<Restored> {
     let _ = fs::remove_file(sock);
-    let mut cmd = Command::new(&o.stasis);
+    let mut cmd = Command::new(&o.common.stasis);
     cmd.arg("restore").arg(dir).args(args).arg("--json").arg("--api-sock").arg(sock);
     let t0 = Instant::now();
     let mut guest = Guest::spawn_command(cmd);
@@ -491,7 +328,7 @@ fn restore_stasis(o: &Opts, dir: &Path, args: &[&str], sock: &Path) -> Res<Resto
 fn wait_resident(o: &Opts, sock: &Path) -> Res<()> {
     let deadline = Instant::now() + RESIDENT_TIMEOUT;
     loop {
-        let (_, reply) = run_tool(Command::new(&o.stasis).arg("status").arg("--api-sock").arg(sock), ANSWER_TIMEOUT)?;
+        let (_, reply) = run_tool(Command::new(&o.common.stasis).arg("status").arg("--api-sock").arg(sock), ANSWER_TIMEOUT)?;
         match json_field(&reply, "resident_after_ms") {
             Some(v) if v != "null" => return Ok(()),
             _ => {}
@@ -537,7 +374,7 @@ fn loader_fields(r: &Report) -> String {
 // ---- Part 1: restore latency vs memory size --------------------------------------
 
 fn bench_restore(o: &Opts, mem_mib: u64) -> bool {
-    let work = o.work.join(format!("restore-{mem_mib}"));
+    let work = o.common.work.join(format!("restore-{mem_mib}"));
     let snap_dir = work.join("snap");
     let prep = guarded(|| {
         fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
@@ -569,7 +406,7 @@ fn bench_restore(o: &Opts, mem_mib: u64) -> bool {
                 if mode == "lazy" {
                     wait_resident(o, &sock)?;
                 }
-                let output = poweroff(r.guest)?;
+                let output = poweroff(r.guest, EXIT_TIMEOUT)?;
                 let rep = parse_report(&output)?;
                 Ok(format!(
                     "latency_ms={:.1} first_answer_ms={} resident_ms={} {} boot_s={} snapshot_s={} snapshot_paused_ms={} snapshot_bytes={}",
@@ -586,7 +423,7 @@ fn bench_restore(o: &Opts, mem_mib: u64) -> bool {
         };
         failed |= emit(&prefix, &result);
     }
-    if !o.keep {
+    if !o.common.keep {
         let _ = fs::remove_dir_all(&work);
     }
     failed
@@ -658,14 +495,14 @@ fn read_fields(guest_t: Duration, host_t: Duration, clock: GuestClock, report: O
 fn restored_read(o: &Opts, dir: &Path, args: &[&str], sock: &Path, clock: GuestClock) -> Res<String> {
     let mut r = restore_stasis(o, dir, args, sock)?;
     let (g, h) = timed_read(&mut r.guest, o.read_mib() << 20)?;
-    let output = poweroff(r.guest)?;
+    let output = poweroff(r.guest, EXIT_TIMEOUT)?;
     let report = parse_report(&output)?;
     Ok(read_fields(g, h, clock, Some(&report)))
 }
 
 /// `stasis checkpoint inspect --json FILE`, for its regions.
 fn regions(o: &Opts, file: &Path) -> Res<String> {
-    let (_, json) = run_tool(Command::new(&o.stasis).args(["checkpoint", "inspect", "--json"]).arg(file), ANSWER_TIMEOUT)?;
+    let (_, json) = run_tool(Command::new(&o.common.stasis).args(["checkpoint", "inspect", "--json"]).arg(file), ANSWER_TIMEOUT)?;
     let at = json.find("\"regions\"").ok_or_else(|| format!("no regions in: {json}"))?;
     let end = json[at..].find(']').ok_or("unterminated regions")?;
     Ok(json[at..at + end + 1].to_string())
@@ -684,11 +521,11 @@ fn repack_4k(o: &Opts, snap: &Path, out: &Path, raw: &Path) -> Res<String> {
     let ckpt = snap.join("memory.ckpt");
     let new = out.join("memory.ckpt");
     let (unpack, _) = run_tool(
-        Command::new(&o.stasis).args(["checkpoint", "unpack"]).arg(&ckpt).arg("--out").arg(raw),
+        Command::new(&o.common.stasis).args(["checkpoint", "unpack"]).arg(&ckpt).arg("--out").arg(raw),
         BIG_TIMEOUT,
     )?;
     let (pack, _) = run_tool(
-        Command::new(&o.stasis).args(["checkpoint", "pack"]).arg(raw).arg("--out").arg(&new).args(["--block-size", "4K"]),
+        Command::new(&o.common.stasis).args(["checkpoint", "pack"]).arg(raw).arg("--out").arg(&new).args(["--block-size", "4K"]),
         BIG_TIMEOUT,
     )?;
     let _ = fs::remove_file(raw);
@@ -702,7 +539,7 @@ fn repack_4k(o: &Opts, snap: &Path, out: &Path, raw: &Path) -> Res<String> {
 }
 
 fn bench_read(o: &Opts) -> bool {
-    let work = o.work.join("read");
+    let work = o.common.work.join("read");
     let snap = work.join("snap");
     let snap4k = work.join("snap-4k");
     let (mib, guest_mib) = (o.read_mib(), o.read_guest_mib());
@@ -782,7 +619,7 @@ fn bench_read(o: &Opts) -> bool {
         _ => Err("no 4 KiB checkpoint".to_string()),
     };
     failed |= emit(&format!("{name} mode=lazy-4k"), &r);
-    if !o.keep {
+    if !o.common.keep {
         let _ = fs::remove_dir_all(&work);
     }
     failed
@@ -853,40 +690,24 @@ impl Qmp {
 }
 
 fn qemu_command(o: &Opts, mem_mib: u64, qmp: &Path) -> Command {
-    let mut cmd = Command::new(&o.qemu_bin);
-    cmd.args(["-nodefaults", "-no-user-config", "-enable-kvm", "-cpu", &o.qemu_cpu, "-smp", "1"])
-        .arg("-m")
-        .arg(format!("{mem_mib}M"))
-        .args(["-nic", "none", "-display", "none", "-no-reboot", "-serial", "stdio"])
-        .arg("-kernel")
-        .arg(o.kernel())
-        .arg("-initrd")
-        .arg(o.initrd())
-        .args(["-append", QEMU_CMDLINE])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    let mut cmd = o.common.qemu(QEMU_CMDLINE, mem_mib);
+    cmd.args(["-nic", "none"]).arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
     cmd
 }
 
 /// Why QEMU cannot run here, if it cannot.
 fn qemu_unavailable(o: &Opts) -> Option<String> {
-    let out = Command::new(&o.qemu_bin).arg("--version").stdin(Stdio::null()).output();
-    match out {
-        Err(e) => Some(format!("cannot run {}: {e}", o.qemu_bin.display())),
-        Ok(out) if !out.status.success() => Some(format!(
-            "{} --version failed: {}",
-            o.qemu_bin.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Ok(out) => {
-            note(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").trim());
+    match bench::version_of(&o.common.qemu_bin) {
+        Err(e) => Some(e),
+        Ok(version) => {
+            note(&version);
             None
         }
     }
 }
 
 fn bench_qemu(o: &Opts, mem_mib: u64) -> Res<String> {
-    let work = o.work.join(format!("qemu-{mem_mib}"));
+    let work = o.common.work.join(format!("qemu-{mem_mib}"));
     fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
     let file = work.join("vm.migration");
     let result = guarded(|| {
@@ -955,7 +776,7 @@ fn bench_qemu(o: &Opts, mem_mib: u64) -> Res<String> {
         });
         let answer = t0.elapsed();
         drop(qmp);
-        poweroff(guest)?;
+        poweroff(guest, EXIT_TIMEOUT)?;
         Ok(format!(
             "boot_s={} save_s={} migrate_ms={} file_bytes={file_bytes} incoming_s={} restore_to_answer_s={}",
             secs(boot),
@@ -965,63 +786,15 @@ fn bench_qemu(o: &Opts, mem_mib: u64) -> Res<String> {
             secs(answer)
         ))
     });
-    if !o.keep {
+    if !o.common.keep {
         let _ = fs::remove_dir_all(&work);
     }
     result
 }
 
-// ---- The machine -----------------------------------------------------------------------
-
-fn machine_line(o: &Opts) -> String {
-    let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
-    let kernel = read("/proc/sys/kernel/osrelease").trim().to_string();
-    let cpuinfo = read("/proc/cpuinfo");
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().replace('"', "'")))
-        .unwrap_or_else(|| "unknown".into());
-    let cpus = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
-    let mem_mib = read("/proc/meminfo")
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
-        .map_or("-".to_string(), |kb| (kb / 1024).to_string());
-    let kvm = ["kvm_amd", "kvm_intel"]
-        .into_iter()
-        .find(|m| Path::new("/sys/module").join(m).exists())
-        .unwrap_or("none");
-    // scripts/testhost's L1 init reads its settings from this file.
-    let testhost = if Path::new("/testhost/run.conf").exists() { "yes" } else { "no" };
-    format!(
-        "machine kernel={kernel} cpu=\"{cpu}\" cpus={cpus} mem_mib={mem_mib} kvm={kvm} testhost={testhost} quick={}",
-        if o.quick { "yes" } else { "no" }
-    )
-}
-
 fn main() {
     let o = Opts::parse();
-    *STARTED.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-    install_panic_hook();
-    println!("{}", machine_line(&o));
-
-    let hw_kvm = ["kvm_amd", "kvm_intel"].iter().any(|m| Path::new("/sys/module").join(m).exists());
-    if !hw_kvm || !Path::new("/dev/kvm").exists() {
-        eprintln!(
-            "snapshot-bench: error: this host's KVM is not hardware-backed (no kvm_amd or kvm_intel); \
-             run scripts/bench-snapshot, which runs this inside scripts/testhost"
-        );
-        std::process::exit(2);
-    }
-    for (what, path) in [("stasis", o.stasis.clone()), ("kernel", o.kernel()), ("initramfs", o.initrd())] {
-        if !path.is_file() {
-            eprintln!("snapshot-bench: error: {what} {} is missing (cargo build --release -p stasis; guest-images/build)", path.display());
-            std::process::exit(2);
-        }
-    }
-    if let Err(e) = fs::create_dir_all(&o.work) {
-        eprintln!("snapshot-bench: error: cannot create {}: {e}", o.work.display());
-        std::process::exit(2);
-    }
+    bench::start("snapshot-bench", "scripts/bench-snapshot", &o.common);
 
     let mut failed = false;
     if o.restore {
@@ -1046,11 +819,5 @@ fn main() {
     if o.read {
         failed |= bench_read(&o);
     }
-    if !o.keep {
-        let _ = fs::remove_dir_all(&o.work);
-    }
-    note(if failed { "done, with failures" } else { "done" });
-    if failed {
-        std::process::exit(1);
-    }
+    bench::finish(&o.common, failed);
 }

@@ -1,0 +1,358 @@
+//! What the benchmark programs (`src/bin/*-bench.rs`) share: the options
+//! every one of them takes, the `machine …` line and the host checks, the
+//! output table (`emit`, `error="…"`), progress notes with the elapsed
+//! time, panics of the [`Guest`] helpers turned into errors, and the
+//! guest-console helpers they type and read with.
+//!
+//! A program calls [`start`] once its options are parsed and [`finish`] at
+//! the end; between them every measurement runs under [`guarded`] and
+//! prints its line with [`emit`].
+
+use std::fs;
+use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::{complete_lines, repo_root, Guest};
+
+/// A measurement's fields, or why it failed.
+pub type Res<T> = Result<T, String>;
+
+// ---- Options -------------------------------------------------------------------
+
+/// The options every benchmark takes.
+pub struct CommonOpts {
+    /// `--quick`: smaller figures, for development.
+    pub quick: bool,
+    /// `--stasis PATH`: the binary under test.
+    pub stasis: PathBuf,
+    /// `--images DIR`: the guest images (vmlinux, initramfs.cpio.gz).
+    pub images: PathBuf,
+    /// `--qemu PATH`: qemu-system-x86_64.
+    pub qemu_bin: PathBuf,
+    /// `--qemu-cpu MODEL`.
+    pub qemu_cpu: String,
+    /// `--work DIR`: scratch space, removed at the end without `--keep`.
+    pub work: PathBuf,
+    /// `--keep`: leave the work directory.
+    pub keep: bool,
+}
+
+impl CommonOpts {
+    /// The defaults for `program` (its work directory is named after it).
+    pub fn new(program: &str) -> CommonOpts {
+        let root = repo_root();
+        CommonOpts {
+            quick: false,
+            stasis: root.join("target/release/stasis"),
+            images: root.join("guest-images/out"),
+            qemu_bin: PathBuf::from("qemu-system-x86_64"),
+            qemu_cpu: "host".to_string(),
+            work: std::env::temp_dir().join(format!("{program}.{}", std::process::id())),
+            keep: false,
+        }
+    }
+
+    /// Takes `arg` if it is one of these options (`value` yields its
+    /// value); returns whether it was.
+    pub fn take(&mut self, arg: &str, value: &mut dyn FnMut() -> String) -> bool {
+        match arg {
+            "--quick" => self.quick = true,
+            "--stasis" => self.stasis = PathBuf::from(value()),
+            "--images" => self.images = PathBuf::from(value()),
+            "--qemu" => self.qemu_bin = PathBuf::from(value()),
+            "--qemu-cpu" => self.qemu_cpu = value(),
+            "--work" => self.work = PathBuf::from(value()),
+            "--keep" => self.keep = true,
+            _ => return false,
+        }
+        true
+    }
+
+    pub fn kernel(&self) -> PathBuf {
+        self.images.join("vmlinux")
+    }
+
+    pub fn initrd(&self) -> PathBuf {
+        self.images.join("initramfs.cpio.gz")
+    }
+
+    /// `stasis boot` of the guest images with `cmdline` and `mem_mib` MiB;
+    /// the caller adds its devices.
+    pub fn stasis_boot(&self, cmdline: &str, mem_mib: u64) -> Command {
+        let mut cmd = Command::new(&self.stasis);
+        cmd.arg("boot")
+            .arg("--kernel")
+            .arg(self.kernel())
+            .arg("--initrd")
+            .arg(self.initrd())
+            .args(["--cmdline", cmdline])
+            .arg("--memory")
+            .arg(format!("{mem_mib}M"));
+        cmd
+    }
+
+    /// QEMU with KVM and one vCPU of `--qemu-cpu`, booting the guest images
+    /// with `cmdline` and `mem_mib` MiB, the console on stdio, no default
+    /// devices; the caller adds its machine type and devices.
+    pub fn qemu(&self, cmdline: &str, mem_mib: u64) -> Command {
+        let mut cmd = Command::new(&self.qemu_bin);
+        cmd.args(["-nodefaults", "-no-user-config", "-enable-kvm", "-cpu", &self.qemu_cpu, "-smp", "1"])
+            .arg("-m")
+            .arg(format!("{mem_mib}M"))
+            .args(["-display", "none", "-no-reboot", "-serial", "stdio"])
+            .arg("-kernel")
+            .arg(self.kernel())
+            .arg("-initrd")
+            .arg(self.initrd())
+            .args(["-append", cmdline]);
+        cmd
+    }
+}
+
+/// Walks the command line: `each(arg, value)` takes one argument, `value`
+/// yielding the next one as its value. An argument `each` does not take
+/// (it returns false), or a missing value, ends in `usage`.
+pub fn parse_args(usage: fn() -> !, mut each: impl FnMut(&str, &mut dyn FnMut() -> String) -> bool) {
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| usage());
+        if !each(&arg, &mut value) {
+            usage();
+        }
+    }
+}
+
+/// Which of `names` the comma-separated `list` holds, in their order; None
+/// when it holds any other name.
+pub fn flags<const N: usize>(list: &str, names: [&str; N]) -> Option<[bool; N]> {
+    let parts: Vec<&str> = list.split(',').map(str::trim).collect();
+    if parts.iter().any(|p| !names.contains(p)) {
+        return None;
+    }
+    Some(names.map(|name| parts.contains(&name)))
+}
+
+// ---- Start and end ---------------------------------------------------------------
+
+struct Run {
+    program: &'static str,
+    started: Instant,
+}
+
+static RUN: OnceLock<Run> = OnceLock::new();
+
+fn program() -> &'static str {
+    RUN.get().map_or("bench", |r| r.program)
+}
+
+/// Starts the clock of the progress notes and the panic hook, prints the
+/// `machine` line, and exits 2 unless KVM is hardware-backed and the
+/// binary and images are there (`script` runs `program` inside the test
+/// host, for the message).
+pub fn start(program: &'static str, script: &str, o: &CommonOpts) {
+    let _ = RUN.set(Run { program, started: Instant::now() });
+    install_panic_hook();
+    println!("{}", machine_line(o.quick));
+
+    let hw_kvm = ["kvm_amd", "kvm_intel"].iter().any(|m| Path::new("/sys/module").join(m).exists());
+    if !hw_kvm || !Path::new("/dev/kvm").exists() {
+        eprintln!(
+            "{program}: error: this host's KVM is not hardware-backed (no kvm_amd or kvm_intel); \
+             run {script}, which runs this inside scripts/testhost"
+        );
+        std::process::exit(2);
+    }
+    for (what, path) in [("stasis", o.stasis.clone()), ("kernel", o.kernel()), ("initramfs", o.initrd())] {
+        if !path.is_file() {
+            eprintln!("{program}: error: {what} {} is missing (cargo build --release -p stasis; guest-images/build)", path.display());
+            std::process::exit(2);
+        }
+    }
+    if let Err(e) = fs::create_dir_all(&o.work) {
+        eprintln!("{program}: error: cannot create {}: {e}", o.work.display());
+        std::process::exit(2);
+    }
+}
+
+/// Removes the work directory (without `--keep`), says so, and exits 1 if
+/// any measurement `failed`.
+pub fn finish(o: &CommonOpts, failed: bool) {
+    if !o.keep {
+        let _ = fs::remove_dir_all(&o.work);
+    }
+    note(if failed { "done, with failures" } else { "done" });
+    if failed {
+        std::process::exit(1);
+    }
+}
+
+/// `machine kernel=… cpu="…" cpus=… mem_mib=… kvm=… testhost=… quick=…`.
+fn machine_line(quick: bool) -> String {
+    let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
+    let kernel = read("/proc/sys/kernel/osrelease").trim().to_string();
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().replace('"', "'")))
+        .unwrap_or_else(|| "unknown".into());
+    let cpus = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
+    let mem_mib = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+        .map_or("-".to_string(), |kb| (kb / 1024).to_string());
+    let kvm = ["kvm_amd", "kvm_intel"]
+        .into_iter()
+        .find(|m| Path::new("/sys/module").join(m).exists())
+        .unwrap_or("none");
+    // scripts/testhost's L1 init reads its settings from this file.
+    let testhost = if Path::new("/testhost/run.conf").exists() { "yes" } else { "no" };
+    format!(
+        "machine kernel={kernel} cpu=\"{cpu}\" cpus={cpus} mem_mib={mem_mib} kvm={kvm} testhost={testhost} quick={}",
+        if quick { "yes" } else { "no" }
+    )
+}
+
+// ---- Output ------------------------------------------------------------------
+
+/// A progress note on stderr, with the seconds since the start.
+pub fn note(text: &str) {
+    let t = RUN.get().map_or(0.0, |r| r.started.elapsed().as_secs_f64());
+    eprintln!("{}: [{t:7.1}s] {text}", program());
+}
+
+/// `error="…"`: one line, no double quotes inside, bounded.
+pub fn error_field(reason: &str) -> String {
+    let mut text: String = reason.replace(['\n', '\r'], " ").replace('"', "'");
+    if text.len() > 300 {
+        let mut cut = 300;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    format!("error=\"{text}\"")
+}
+
+/// Prints `prefix` and the fields, or the error; returns whether it failed.
+pub fn emit(prefix: &str, result: &Res<String>) -> bool {
+    match result {
+        Ok(fields) => {
+            println!("{prefix} {fields}");
+            false
+        }
+        Err(e) => {
+            println!("{prefix} {}", error_field(e));
+            true
+        }
+    }
+}
+
+/// Seconds, to the millisecond.
+pub fn secs(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64())
+}
+
+// ---- Panics from the test helpers become errors ------------------------------
+
+static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+
+fn install_panic_hook() {
+    panic::set_hook(Box::new(|info| {
+        let msg = if let Some(s) = info.payload().downcast_ref::<&str>() {
+            (*s).to_string()
+        } else if let Some(s) = info.payload().downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "panic".to_string()
+        };
+        // The whole message (it holds the console output so far) for
+        // whoever debugs; its first line becomes the error field.
+        let mut shown: String = msg.chars().take(4000).collect();
+        if shown.len() < msg.len() {
+            shown.push_str(" […]");
+        }
+        eprintln!("{}: failed: {shown}", program());
+        *LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
+    }));
+}
+
+/// Runs `f`; a panic (the Guest helpers panic on timeouts) becomes an
+/// error naming its first line.
+pub fn guarded<T>(f: impl FnOnce() -> Res<T>) -> Res<T> {
+    match panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(_) => {
+            let msg = LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
+            Err(msg.and_then(|m| m.lines().next().map(str::to_string)).unwrap_or_else(|| "panic".into()))
+        }
+    }
+}
+
+// ---- The guest console ----------------------------------------------------------
+
+/// The value of `MARKER=value` in a complete line after byte `from`,
+/// skipping the echo of the typed command (which holds `$`). Unlike
+/// [`Guest::query`], the value is the first word after the `=`.
+pub fn marker_value(text: &str, from: usize, marker: &str) -> Option<String> {
+    let prefix = format!("{marker}=");
+    complete_lines(text.get(from..).unwrap_or("")).find_map(|line| {
+        let start = line.find(&prefix)?;
+        let value = line[start + prefix.len()..].trim();
+        let value = value.split_whitespace().next()?;
+        (!line.contains('$')).then(|| value.to_string())
+    })
+}
+
+/// Waits for `MARKER=value` after byte `from` (`what` names the wait in
+/// the timeout's message); returns the value.
+fn wait_value(guest: &Guest, from: usize, marker: &str, what: &str, timeout: Duration) -> Res<String> {
+    guest.wait_until(what, timeout, |t| marker_value(t, from, marker).is_some());
+    marker_value(&guest.output(), from, marker).ok_or_else(|| format!("no {marker}= line"))
+}
+
+/// Waits for `MARKER=value` after byte `from`; returns the value.
+pub fn wait_marker(guest: &Guest, from: usize, marker: &str, timeout: Duration) -> Res<String> {
+    wait_value(guest, from, marker, &format!("{marker}=…"), timeout)
+}
+
+/// Types `command` (which must print `MARKER=value` and hold a `$`) and
+/// waits for the value.
+pub fn ask(guest: &mut Guest, command: &str, marker: &str, timeout: Duration) -> Res<String> {
+    let from = guest.output().len();
+    guest.send_line(command);
+    wait_value(guest, from, marker, &format!("{marker}=… after {command:?}"), timeout)
+}
+
+/// The last `n` characters of `text`.
+pub fn last_chars(text: &str, n: usize) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    chars[chars.len().saturating_sub(n)..].iter().collect()
+}
+
+/// Types `poweroff -f` and waits, at most `timeout`, for a clean exit;
+/// returns everything the VM printed.
+pub fn poweroff(mut guest: Guest, timeout: Duration) -> Res<String> {
+    guest.send_line("poweroff -f");
+    let (status, output) = guest.wait_exit(timeout);
+    if !status.success() {
+        return Err(format!("exit status {status} after poweroff: {}", last_chars(&output, 400)));
+    }
+    Ok(output)
+}
+
+/// The first line of `bin --version`.
+pub fn version_of(bin: &Path) -> Res<String> {
+    let out = Command::new(bin)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+    if !out.status.success() {
+        return Err(format!("{} --version failed: {}", bin.display(), String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").trim().to_string())
+}
