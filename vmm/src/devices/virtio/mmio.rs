@@ -252,8 +252,7 @@ impl MmioTransport {
         transport.interrupt.set_status(state.interrupt_status);
         if state.activated {
             transport.start().map_err(MmioError::Activate)?;
-            let Self { device, mem, queues, acked_features, interrupt, .. } = &mut transport;
-            device.restored(&mut QueueContext { mem, queues, acked_features: *acked_features, interrupt });
+            transport.with_device(|device, ctx| device.restored(ctx));
         }
         // An interrupt in flight at the snapshot may not have reached the
         // guest: raise the line again for bits it has not acknowledged.
@@ -313,8 +312,7 @@ impl MmioTransport {
         if !self.activated || index >= self.queues.len() {
             return;
         }
-        let Self { device, mem, queues, acked_features, interrupt, .. } = self;
-        device.process_queue(index, &mut QueueContext { mem, queues, acked_features: *acked_features, interrupt });
+        self.with_device(|device, ctx| device.process_queue(index, ctx));
     }
 
     /// Serves the device's backend (the device thread calls this when the
@@ -323,8 +321,13 @@ impl MmioTransport {
         if !self.activated {
             return;
         }
+        self.with_device(|device, ctx| device.process_backend(ctx));
+    }
+
+    /// Calls `f` with the device and the context it serves its queues in.
+    fn with_device<R>(&mut self, f: impl FnOnce(&mut dyn VirtioDevice, &mut QueueContext<'_>) -> R) -> R {
         let Self { device, mem, queues, acked_features, interrupt, .. } = self;
-        device.process_backend(&mut QueueContext { mem, queues, acked_features: *acked_features, interrupt });
+        f(&mut **device, &mut QueueContext { mem, queues, acked_features: *acked_features, interrupt })
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -479,8 +482,7 @@ impl MmioTransport {
                 return Err(ActivateError::BadQueue(index));
             }
         }
-        let Self { device, mem, queues, acked_features, interrupt, .. } = self;
-        device.activate(&mut QueueContext { mem, queues, acked_features: *acked_features, interrupt })?;
+        self.with_device(|device, ctx| device.activate(ctx))?;
         self.activated = true;
         self.wake_thread();
         Ok(())
