@@ -249,6 +249,7 @@ pub fn build_microvm_for_boot(config: &VmConfig) -> Result<Vmm, BuildError> {
         None => None,
     };
     let pending = open_devices(config)?;
+    log::debug!("boot: files and devices opened");
 
     let kvm = vm::open_kvm(&vm::kvm_path())?;
     vm::check_vcpu_limit(&kvm, config.vcpus)?;
@@ -257,7 +258,9 @@ pub fn build_microvm_for_boot(config: &VmConfig) -> Result<Vmm, BuildError> {
     let mem = create_guest_memory(config.mem_size)?;
     vm::register_memory(&vm, &mem)?;
 
+    log::debug!("boot: VM and memory created");
     let loaded = boot::load_kernel(&mem, &mut kernel)?;
+    log::debug!("boot: kernel loaded");
     let initrd_range = match initrd.as_mut() {
         Some(image) => Some((boot::load_initrd(&mem, image, &loaded)?, image.size())),
         None => None,
@@ -280,6 +283,7 @@ pub fn build_microvm_for_boot(config: &VmConfig) -> Result<Vmm, BuildError> {
     let serial = SerialDevice::new(IrqTrigger(serial_irq), std::io::stdout());
     let devices = build_devices(serial, Cmos::new(HostClock), &events_tx)?;
     let (mmio, virtio) = attach_devices(&vm, &mem, pending)?;
+    log::debug!("boot: devices attached");
 
     let supported = supported_cpuid(&kvm)?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
