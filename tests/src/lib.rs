@@ -201,7 +201,7 @@ struct Output {
 
 /// A running guest: its console input, and everything it has printed.
 pub struct Guest {
-    child: Child,
+    child: Mutex<Child>,
     stdin: Option<ChildStdin>,
     output: Arc<(Mutex<Output>, Condvar)>,
     started: Instant,
@@ -237,7 +237,7 @@ impl Guest {
             thread::spawn(move || pump(pipe, &output));
         }
         assert_eq!(pipes, 2, "child pipes missing");
-        Guest { stdin: child.stdin.take(), child, output, started: Instant::now() }
+        Guest { stdin: child.stdin.take(), child: Mutex::new(child), output, started: Instant::now() }
     }
 
     /// Everything printed so far (stdout and stderr interleaved), lossily
@@ -261,7 +261,23 @@ impl Guest {
             }
             let now = Instant::now();
             if out.closed || now >= deadline {
-                let why = if out.closed { "the process closed its output" } else { "timed out" };
+                let why = if out.closed {
+                    // How it ended tells a guest that powered off or
+                    // rebooted (exit 0) from a VMM that died of a signal.
+                    // Output closes a moment before the process is reapable.
+                    let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut exit = child.try_wait();
+                    for _ in 0..20 {
+                        if !matches!(exit, Ok(None)) {
+                            break;
+                        }
+                        thread::sleep(Duration::from_millis(50));
+                        exit = child.try_wait();
+                    }
+                    format!("the process closed its output (exit: {exit:?})")
+                } else {
+                    "timed out".to_string()
+                };
                 panic!(
                     "waiting for {what}: {why} after {:.1}s; output so far:\n{text}",
                     self.started.elapsed().as_secs_f64()
@@ -351,15 +367,17 @@ impl Guest {
         drop(self.stdin.take());
         let deadline = Instant::now() + timeout;
         loop {
-            match self.child.try_wait() {
+            let exited = self.child.get_mut().unwrap_or_else(|e| e.into_inner()).try_wait();
+            match exited {
                 Ok(Some(status)) => {
                     self.wait_closed(Duration::from_secs(10));
                     return (status, self.output());
                 }
                 Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
                 Ok(None) => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
+                    let child = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
+                    let _ = child.kill();
+                    let _ = child.wait();
                     panic!("process did not exit within {timeout:?}; output:\n{}", self.output());
                 }
                 Err(e) => panic!("cannot wait for the process: {e}"),
@@ -385,9 +403,10 @@ fn value_of<'a>(line: &'a str, prefix: &str) -> Option<&'a str> {
 impl Drop for Guest {
     fn drop(&mut self) {
         // A test that failed midway must not leave a VM running.
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        let child = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Ok(None) = child.try_wait() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
