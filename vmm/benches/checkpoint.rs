@@ -554,6 +554,7 @@ fn main() {
                 storage_block_size: cfg.storage,
                 level: cfg.level,
                 threads: 0,
+                parent_index_crc: None,
             };
             let cpu_before = cpu_time();
             let stats =

@@ -50,6 +50,7 @@ impl Sample {
             storage_block_size: 8192,
             level: 3,
             threads: 2,
+            parent_index_crc: None,
         };
         write_checkpoint(&path, &source, &options, &mut |_, _| {}).expect("writes sample");
         let bytes = std::fs::read(&path).expect("reads sample");

@@ -1,4 +1,6 @@
-//! `stasis checkpoint …` subcommands: inspect, verify, pack, unpack.
+//! `stasis checkpoint …` subcommands: inspect, verify, pack, unpack,
+//! flatten. `inspect`, `verify`, `unpack` and `flatten` take a layered
+//! checkpoint's parents with `--parent`, newest first.
 //!
 //! This module is the command line's presentation layer: it writes reports
 //! to stdout and a progress line to stderr (only when stderr is a
@@ -12,10 +14,10 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 
 use super::format::{BlockKind, MAX_STORAGE_BLOCK};
-use super::reader::{ReadError, Reader, Summary};
+use super::reader::{ReadError, Reader, ReaderOptions, Summary};
 use super::source::{FileSource, SourceError};
 use super::writer::{
-    write_checkpoint, WriteError, WriteStats, WriterOptions, DEFAULT_LEVEL,
+    flatten, write_checkpoint, WriteError, WriteStats, WriterOptions, DEFAULT_LEVEL,
     DEFAULT_MEMORY_BLOCK_SIZE, DEFAULT_STORAGE_BLOCK_SIZE,
 };
 
@@ -23,18 +25,48 @@ use super::writer::{
 #[derive(Debug, Subcommand)]
 pub enum CheckpointCommand {
     /// Show what a checkpoint file holds: version, regions, block sizes,
-    /// blocks by kind, stored bytes, compression ratio.
+    /// blocks by kind, stored bytes, compression ratio; for a layered file
+    /// its parent's index checksum, and with --parent the chain.
     Inspect {
         /// The checkpoint file.
         file: PathBuf,
+        /// Its parent checkpoint, then that one's parent, and so on.
+        #[arg(long = "parent", value_name = "PARENT")]
+        parents: Vec<PathBuf>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// Check every block's checksum; fail naming the first bad block.
+    /// Check every block's checksum; fail naming the first bad block. A
+    /// layered file given without --parent has only its own blocks checked.
     Verify {
         /// The checkpoint file.
         file: PathBuf,
+        /// Its parent checkpoint, then that one's parent, and so on.
+        #[arg(long = "parent", value_name = "PARENT")]
+        parents: Vec<PathBuf>,
+    },
+    /// Merge a layered checkpoint and its parents into one self-contained
+    /// checkpoint.
+    Flatten {
+        /// The newest checkpoint of the chain.
+        file: PathBuf,
+        /// Its parent checkpoint, then that one's parent, and so on.
+        #[arg(long = "parent", value_name = "PARENT")]
+        parents: Vec<PathBuf>,
+        /// The checkpoint to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage (staging) block size: a multiple of 4K up to 64M; raised
+        /// to the memory block size when smaller.
+        #[arg(long, value_parser = parse_size_u32, default_value_t = DEFAULT_STORAGE_BLOCK_SIZE)]
+        storage_block_size: u32,
+        /// zstd compression level.
+        #[arg(long, default_value_t = DEFAULT_LEVEL, allow_negative_numbers = true)]
+        level: i32,
+        /// Compression threads (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
     },
     /// Turn a raw memory image (one region at guest address 0) into a
     /// checkpoint.
@@ -64,6 +96,9 @@ pub enum CheckpointCommand {
     Unpack {
         /// The checkpoint file.
         file: PathBuf,
+        /// Its parent checkpoint, then that one's parent, and so on.
+        #[arg(long = "parent", value_name = "PARENT")]
+        parents: Vec<PathBuf>,
         /// The raw image to write.
         #[arg(long)]
         out: PathBuf,
@@ -88,6 +123,12 @@ pub enum CliError {
     /// `unpack` could not read the checkpoint.
     #[error("cannot unpack")]
     Unpack(#[source] ReadError),
+    /// `flatten` could not open the chain.
+    #[error("cannot flatten")]
+    OpenChain(#[source] ReadError),
+    /// `flatten` could not write the checkpoint.
+    #[error("cannot flatten")]
+    Flatten(#[source] WriteError),
     /// `unpack` could not write the raw image.
     #[error("cannot unpack: cannot write {path}")]
     WriteImage {
@@ -181,7 +222,7 @@ fn write_summary(out: &mut dyn Write, path: &Path, s: &Summary) -> std::io::Resu
             human(r.size)
         )?;
     }
-    writeln!(
+    write!(
         out,
         "blocks       {} of {}: {} zero, {} raw, {} zstd",
         s.blocks,
@@ -190,6 +231,22 @@ fn write_summary(out: &mut dyn Write, path: &Path, s: &Summary) -> std::io::Resu
         s.raw_blocks,
         s.zstd_blocks
     )?;
+    // Plain files keep the 1.0 report, line for line.
+    if let Some(parent_crc) = s.parent_index_crc {
+        writeln!(out, ", {} parent", s.parent_blocks)?;
+        writeln!(out, "index        checksum {:#010x}", s.index_crc)?;
+        writeln!(
+            out,
+            "parent       index checksum {parent_crc:#010x}{}",
+            if s.chain_depth == 1 {
+                " (not opened: give it with --parent)"
+            } else {
+                ""
+            }
+        )?;
+    } else {
+        writeln!(out)?;
+    }
     writeln!(
         out,
         "storage      {} block{} of up to {}, {} stored",
@@ -204,7 +261,25 @@ fn write_summary(out: &mut dyn Write, path: &Path, s: &Summary) -> std::io::Resu
         human(s.file_bytes),
         100.0 * s.file_bytes as f64 / s.memory_bytes as f64,
         s.compression_ratio
-    )
+    )?;
+    if s.chain_depth > 1 {
+        writeln!(
+            out,
+            "chain        {} files, newest first; blocks each supplies:",
+            s.chain_depth
+        )?;
+        for (i, layer) in s.chain.iter().enumerate() {
+            writeln!(
+                out,
+                "  layer {i}    {}: {} block{} (index checksum {:#010x})",
+                layer.path.display(),
+                layer.blocks,
+                if layer.blocks == 1 { "" } else { "s" },
+                layer.index_crc
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Shows `packing 45% (460 MiB of 1.00 GiB)` on stderr when it is a
@@ -212,13 +287,16 @@ fn write_summary(out: &mut dyn Write, path: &Path, s: &Summary) -> std::io::Resu
 struct Progress {
     enabled: bool,
     last_percent: Option<u64>,
+    /// What is being done: "packing", "flattening".
+    verb: &'static str,
 }
 
 impl Progress {
-    fn new() -> Self {
+    fn new(verb: &'static str) -> Self {
         Progress {
             enabled: std::io::stderr().is_terminal(),
             last_percent: None,
+            verb,
         }
     }
 
@@ -235,7 +313,8 @@ impl Progress {
         // A progress line that fails to print is not worth failing for.
         let _ = write!(
             err,
-            "\rpacking {percent:3}% ({} of {})",
+            "\r{} {percent:3}% ({} of {})",
+            self.verb,
             human(done),
             human(total)
         );
@@ -246,9 +325,19 @@ impl Progress {
 }
 
 fn pack_report(out: &mut dyn Write, path: &Path, stats: &WriteStats) -> std::io::Result<()> {
+    write_report(out, "packed", path, stats)
+}
+
+/// One line on a finished write: `verb` (packed, flattened) and the stats.
+fn write_report(
+    out: &mut dyn Write,
+    verb: &str,
+    path: &Path,
+    stats: &WriteStats,
+) -> std::io::Result<()> {
     writeln!(
         out,
-        "packed {} into {} ({}, {:.1}% of memory) in {:.2} s: {} zero, {} raw, {} zstd blocks",
+        "{verb} {} into {} ({}, {:.1}% of memory) in {:.2} s: {} zero, {} raw, {} zstd blocks",
         human(stats.bytes_in),
         path.display(),
         human(stats.file_bytes),
@@ -266,13 +355,15 @@ fn unpack(reader: &Reader, out_path: &Path) -> Result<u64, CliError> {
         path: out_path.to_path_buf(),
         source,
     };
-    // Truncating the checkpoint being read would destroy it.
+    // Truncating a checkpoint being read would destroy it.
     if let Ok(out_meta) = std::fs::metadata(out_path) {
-        if let Ok(in_meta) = std::fs::metadata(reader.path()) {
-            if (out_meta.dev(), out_meta.ino()) == (in_meta.dev(), in_meta.ino()) {
-                return Err(CliError::CheckOutput {
-                    path: out_path.to_path_buf(),
-                });
+        for layer in reader.layers() {
+            if let Ok(in_meta) = std::fs::metadata(layer.path()) {
+                if (out_meta.dev(), out_meta.ino()) == (in_meta.dev(), in_meta.ino()) {
+                    return Err(CliError::CheckOutput {
+                        path: out_path.to_path_buf(),
+                    });
+                }
             }
         }
     }
@@ -303,6 +394,60 @@ fn unpack(reader: &Reader, out_path: &Path) -> Result<u64, CliError> {
     Ok(end)
 }
 
+/// Opens `file` alone, or on top of `parents` (newest first).
+fn open_chain(file: &Path, parents: &[PathBuf]) -> Result<Reader, ReadError> {
+    if parents.is_empty() {
+        return Reader::open(file);
+    }
+    let mut paths = Vec::with_capacity(parents.len() + 1);
+    paths.push(file.to_path_buf());
+    paths.extend_from_slice(parents);
+    Reader::open_chain(&paths, ReaderOptions::default())
+}
+
+/// Runs `verify` and reports what was checked.
+fn verify(out: &mut dyn Write, file: &Path, parents: &[PathBuf]) -> Result<(), CliError> {
+    let reader = open_chain(file, parents).map_err(CliError::Verify)?;
+    let summary = reader.summary();
+    let write =
+        |out: &mut dyn Write, text: String| writeln!(out, "{text}").map_err(CliError::WriteStdout);
+    match (summary.parent_index_crc, reader.parent()) {
+        (Some(parent_crc), None) => {
+            let blocks = reader.verify_layer().map_err(CliError::Verify)?;
+            write(
+                out,
+                format!(
+                    "ok: {}: {blocks} blocks it holds, every checksum matches; {} blocks are in its parent checkpoint (index checksum {parent_crc:#010x}), not checked: give it with --parent",
+                    file.display(),
+                    summary.parent_blocks
+                ),
+            )
+        }
+        (_, Some(_)) => {
+            let blocks = reader.verify().map_err(CliError::Verify)?;
+            write(
+                out,
+                format!(
+                    "ok: {} on top of {} parent{}: {blocks} blocks, every checksum matches",
+                    file.display(),
+                    summary.chain_depth - 1,
+                    if summary.chain_depth == 2 { "" } else { "s" }
+                ),
+            )
+        }
+        (None, None) => {
+            let blocks = reader.verify().map_err(CliError::Verify)?;
+            write(
+                out,
+                format!(
+                    "ok: {}: {blocks} blocks, every checksum matches",
+                    file.display()
+                ),
+            )
+        }
+    }
+}
+
 /// Runs one checkpoint subcommand, reporting to stdout.
 pub fn run(cmd: CheckpointCommand) -> Result<(), CliError> {
     let stdout = std::io::stdout();
@@ -313,8 +458,12 @@ pub fn run(cmd: CheckpointCommand) -> Result<(), CliError> {
 /// Runs one checkpoint subcommand, reporting to `out`.
 pub fn run_to(cmd: CheckpointCommand, out: &mut dyn Write) -> Result<(), CliError> {
     match cmd {
-        CheckpointCommand::Inspect { file, json } => {
-            let reader = Reader::open(&file).map_err(CliError::Inspect)?;
+        CheckpointCommand::Inspect {
+            file,
+            parents,
+            json,
+        } => {
+            let reader = open_chain(&file, &parents).map_err(CliError::Inspect)?;
             let summary = reader.summary();
             if json {
                 serde_json::to_writer_pretty(&mut *out, &summary).map_err(CliError::EncodeJson)?;
@@ -323,15 +472,28 @@ pub fn run_to(cmd: CheckpointCommand, out: &mut dyn Write) -> Result<(), CliErro
                 write_summary(out, &file, &summary).map_err(CliError::WriteStdout)
             }
         }
-        CheckpointCommand::Verify { file } => {
-            let reader = Reader::open(&file).map_err(CliError::Verify)?;
-            let blocks = reader.verify().map_err(CliError::Verify)?;
-            writeln!(
-                out,
-                "ok: {}: {blocks} blocks, every checksum matches",
-                file.display()
-            )
-            .map_err(CliError::WriteStdout)
+        CheckpointCommand::Verify { file, parents } => verify(out, &file, &parents),
+        CheckpointCommand::Flatten {
+            file,
+            parents,
+            out: out_path,
+            storage_block_size,
+            level,
+            threads,
+        } => {
+            let reader = open_chain(&file, &parents).map_err(CliError::OpenChain)?;
+            let options = WriterOptions {
+                storage_block_size,
+                level,
+                threads,
+                ..WriterOptions::default()
+            };
+            let mut progress = Progress::new("flattening");
+            let stats = flatten(&reader, &out_path, &options, &mut |done, total| {
+                progress.update(done, total)
+            })
+            .map_err(CliError::Flatten)?;
+            write_report(out, "flattened", &out_path, &stats).map_err(CliError::WriteStdout)
         }
         CheckpointCommand::Pack {
             raw,
@@ -347,8 +509,9 @@ pub fn run_to(cmd: CheckpointCommand, out: &mut dyn Write) -> Result<(), CliErro
                 storage_block_size: storage_block_size.max(block_size),
                 level,
                 threads,
+                parent_index_crc: None,
             };
-            let mut progress = Progress::new();
+            let mut progress = Progress::new("packing");
             let stats = write_checkpoint(&out_path, &source, &options, &mut |done, total| {
                 progress.update(done, total)
             })
@@ -357,9 +520,10 @@ pub fn run_to(cmd: CheckpointCommand, out: &mut dyn Write) -> Result<(), CliErro
         }
         CheckpointCommand::Unpack {
             file,
+            parents,
             out: out_path,
         } => {
-            let reader = Reader::open(&file).map_err(CliError::Unpack)?;
+            let reader = open_chain(&file, &parents).map_err(CliError::Unpack)?;
             let bytes = unpack(&reader, &out_path)?;
             writeln!(out, "unpacked {} into {}", human(bytes), out_path.display())
                 .map_err(CliError::WriteStdout)
@@ -412,6 +576,7 @@ mod tests {
         let before = std::fs::read(&ckpt).expect("read");
         let unpack = CheckpointCommand::Unpack {
             file: ckpt.clone(),
+            parents: Vec::new(),
             out: ckpt.clone(),
         };
         let err = run_to(unpack, &mut Vec::new()).expect_err("same file");
@@ -448,6 +613,7 @@ mod tests {
         run_to(
             CheckpointCommand::Inspect {
                 file: ckpt,
+                parents: Vec::new(),
                 json: false,
             },
             &mut text,
@@ -463,5 +629,199 @@ mod tests {
             text.contains("0x0000000000000000..0x0000000000040000"),
             "{text}"
         );
+    }
+
+    /// A base checkpoint of 8 blocks of 4 KiB and a layer on top of it that
+    /// changes blocks 2 (new data) and 5 (now zero); returns their paths
+    /// and the layer's memory.
+    fn two_layers(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
+        use crate::checkpoint::source::{BlockHint, HintedSource, ImageSource};
+        let mut base_image = vec![0u8; 8 * 4096];
+        for (i, b) in base_image.iter_mut().enumerate() {
+            *b = (i / 4096 + 1) as u8;
+        }
+        let base = dir.join("base");
+        let options = WriterOptions {
+            memory_block_size: 4096,
+            storage_block_size: 8192,
+            level: 1,
+            threads: 1,
+            parent_index_crc: None,
+        };
+        write_checkpoint(
+            &base,
+            &ImageSource::flat(&base_image),
+            &options,
+            &mut |_, _| {},
+        )
+        .expect("writes base");
+        let base_crc = Reader::open(&base).expect("opens").index_crc();
+        let mut image = base_image.clone();
+        image[2 * 4096..3 * 4096].fill(0x77);
+        image[5 * 4096..6 * 4096].fill(0);
+        let layer = dir.join("layer");
+        let source =
+            HintedSource::new(ImageSource::flat(&image), |_, offset| match offset / 4096 {
+                2 | 5 => BlockHint::Read,
+                _ => BlockHint::Parent,
+            });
+        let options = WriterOptions {
+            parent_index_crc: Some(base_crc),
+            ..options
+        };
+        write_checkpoint(&layer, &source, &options, &mut |_, _| {}).expect("writes layer");
+        drop(source);
+        (base, layer, image)
+    }
+
+    fn run_text(cmd: CheckpointCommand) -> Result<String, CliError> {
+        let mut out = Vec::new();
+        run_to(cmd, &mut out)?;
+        Ok(String::from_utf8(out).expect("utf-8"))
+    }
+
+    #[test]
+    fn inspect_shows_parent_blocks_the_parent_crc_and_the_chain() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (base, layer, _) = two_layers(dir.path());
+        let base_crc = Reader::open(&base).expect("opens").index_crc();
+        let alone = run_text(CheckpointCommand::Inspect {
+            file: layer.clone(),
+            parents: Vec::new(),
+            json: false,
+        })
+        .expect("inspects");
+        assert!(alone.contains("version      1.1"), "{alone}");
+        assert!(
+            alone.contains("blocks       8 of 4.00 KiB: 1 zero, 0 raw, 1 zstd, 6 parent"),
+            "{alone}"
+        );
+        assert!(
+            alone.contains(&format!(
+                "parent       index checksum {base_crc:#010x} (not opened"
+            )),
+            "{alone}"
+        );
+        assert!(!alone.contains("chain"), "{alone}");
+        let chained = run_text(CheckpointCommand::Inspect {
+            file: layer.clone(),
+            parents: vec![base.clone()],
+            json: false,
+        })
+        .expect("inspects");
+        assert!(chained.contains("chain        2 files"), "{chained}");
+        assert!(
+            chained.contains(&format!("  layer 0    {}: 2 blocks", layer.display())),
+            "{chained}"
+        );
+        assert!(
+            chained.contains(&format!("  layer 1    {}: 6 blocks", base.display())),
+            "{chained}"
+        );
+        let plain = run_text(CheckpointCommand::Inspect {
+            file: base,
+            parents: Vec::new(),
+            json: false,
+        })
+        .expect("inspects");
+        assert!(!plain.contains("parent"), "{plain}");
+        assert!(plain.contains("version      1.0"), "{plain}");
+    }
+
+    #[test]
+    fn verify_checks_a_layer_alone_or_with_its_parent() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (base, layer, _) = two_layers(dir.path());
+        let alone = run_text(CheckpointCommand::Verify {
+            file: layer.clone(),
+            parents: Vec::new(),
+        })
+        .expect("verifies");
+        assert!(
+            alone.contains(
+                "2 blocks it holds, every checksum matches; 6 blocks are in its parent checkpoint"
+            ),
+            "{alone}"
+        );
+        let chained = run_text(CheckpointCommand::Verify {
+            file: layer.clone(),
+            parents: vec![base],
+        })
+        .expect("verifies");
+        assert_eq!(
+            chained,
+            format!(
+                "ok: {} on top of 1 parent: 8 blocks, every checksum matches\n",
+                layer.display()
+            )
+        );
+        let wrong = run_text(CheckpointCommand::Verify {
+            file: layer.clone(),
+            parents: vec![layer.clone()],
+        })
+        .expect_err("a layer is not its own parent");
+        assert!(matches!(wrong, CliError::Verify(_)), "{wrong:?}");
+    }
+
+    #[test]
+    fn flatten_and_unpack_give_the_layer_memory() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (base, layer, image) = two_layers(dir.path());
+        let flat = dir.path().join("flat");
+        let report = run_text(CheckpointCommand::Flatten {
+            file: layer.clone(),
+            parents: vec![base.clone()],
+            out: flat.clone(),
+            storage_block_size: 8192,
+            level: 1,
+            threads: 1,
+        })
+        .expect("flattens");
+        assert!(report.starts_with("flattened 32.0 KiB into"), "{report}");
+        let summary = Reader::open(&flat).expect("opens").summary();
+        assert_eq!(
+            (summary.version.as_str(), summary.parent_blocks),
+            ("1.0", 0)
+        );
+        let raw_flat = dir.path().join("raw-flat");
+        run_text(CheckpointCommand::Unpack {
+            file: flat,
+            parents: Vec::new(),
+            out: raw_flat.clone(),
+        })
+        .expect("unpacks");
+        assert!(std::fs::read(&raw_flat).expect("read") == image);
+        let raw_chain = dir.path().join("raw-chain");
+        run_text(CheckpointCommand::Unpack {
+            file: layer.clone(),
+            parents: vec![base.clone()],
+            out: raw_chain.clone(),
+        })
+        .expect("unpacks");
+        assert!(std::fs::read(&raw_chain).expect("read") == image);
+        let err = run_text(CheckpointCommand::Unpack {
+            file: layer,
+            parents: vec![base.clone()],
+            out: base,
+        })
+        .expect_err("would overwrite the parent");
+        assert!(matches!(err, CliError::CheckOutput { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn flatten_refuses_a_layer_without_its_parent() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (_, layer, _) = two_layers(dir.path());
+        let err = run_text(CheckpointCommand::Flatten {
+            file: layer,
+            parents: Vec::new(),
+            out: dir.path().join("flat"),
+            storage_block_size: 8192,
+            level: 1,
+            threads: 1,
+        })
+        .expect_err("no parent");
+        assert!(matches!(err, CliError::Flatten(_)), "{err:?}");
+        assert!(!dir.path().join("flat").exists());
     }
 }

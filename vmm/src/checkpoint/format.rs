@@ -1,10 +1,16 @@
-//! On-disk layout of a stasis checkpoint file, format version 1.0.
+//! On-disk layout of a stasis checkpoint file, format version 1.1.
 //!
 //! A checkpoint holds guest memory cut into fixed-size *memory blocks*.
 //! Each memory block is stored as one of three kinds: elided when all zero,
 //! zstd-compressed when that saves space, raw otherwise. Stored blocks are
 //! packed in order into *storage blocks* (one staging buffer's worth each),
 //! and an index at the end says where every memory block lives.
+//!
+//! A *layered* checkpoint (1.1, header flag [`FLAG_PARENT`]) may also mark
+//! a block as being in its *parent* checkpoint: an older checkpoint of the
+//! same memory, named by the CRC of its index. Plain checkpoints are still
+//! written as 1.0, so 1.0 readers open them; 1.0 readers refuse layered
+//! ones because of the flag.
 //!
 //! All integers are little-endian. All checksums are CRC-32C (Castagnoli).
 //!
@@ -32,15 +38,17 @@
 //! |-----|------|------------------------------------------------------|
 //! | 0   | 8    | magic `STASISCK`                                     |
 //! | 8   | 2    | major version (1); other majors are rejected         |
-//! | 10  | 2    | minor version (0); higher minors are read            |
+//! | 10  | 2    | minor version: 0 plain, 1 layered; any minor is read |
 //! | 12  | 4    | header length: 48 + 16 × regions + 4                 |
 //! | 16  | 4    | memory block size: power of two, 4 KiB ..= 2 MiB     |
 //! | 20  | 4    | storage block size: multiple of 4 KiB, at least the  |
 //! |     |      | memory block size, at most 64 MiB                    |
 //! | 24  | 4    | region count, 1 ..= 1024                             |
-//! | 28  | 4    | incompatible feature flags, 0 in 1.0                 |
+//! | 28  | 4    | incompatible feature flags: bit 0 [`FLAG_PARENT`];   |
+//! |     |      | other bits are refused                               |
 //! | 32  | 8    | guest memory bytes: sum of the region sizes          |
-//! | 40  | 8    | reserved, ignored                                    |
+//! | 40  | 8    | with [`FLAG_PARENT`]: the parent's index CRC in the  |
+//! |     |      | low 32 bits, upper 32 bits zero; otherwise ignored   |
 //!
 //! Region table entry: guest-physical base (u64), size in bytes (u64).
 //! Regions are sorted, non-overlapping and non-empty; their total is at most
@@ -55,10 +63,11 @@
 //! starts at `data_offset`; each next one starts where the previous one's
 //! padded length ends, and the index starts where the last one ends.
 //!
-//! Block table entry: kind (u8: 0 zero, 1 raw, 2 zstd), 3 reserved bytes
-//! (zero), storage block number (u32), offset inside the storage block
-//! (u32), stored length (u32), CRC-32C of the block's decompressed content
-//! (u32). A zero block has every other field zero. A raw block's stored
+//! Block table entry: kind (u8: 0 zero, 1 raw, 2 zstd, 3 parent), 3
+//! reserved bytes (zero), storage block number (u32), offset inside the
+//! storage block (u32), stored length (u32), CRC-32C of the block's
+//! decompressed content (u32). A zero or parent block has every other field
+//! zero; parent blocks are allowed only with [`FLAG_PARENT`]. A raw block's stored
 //! length equals its memory length; a zstd block's is shorter. Stored blocks
 //! appear in block order, back to back: each starts where the previous
 //! stored block ended, or at offset 0 of the next storage block, and each
@@ -92,8 +101,20 @@ pub const MAGIC: [u8; 8] = *b"STASISCK";
 pub const FOOTER_MAGIC: [u8; 8] = *b"STASISIX";
 /// Major format version this code reads and writes.
 pub const VERSION_MAJOR: u16 = 1;
-/// Minor format version this code writes.
-pub const VERSION_MINOR: u16 = 0;
+/// Highest minor format version this code writes: layered files are 1.1.
+pub const VERSION_MINOR: u16 = 1;
+/// Minor version of plain (non-layered) files: they stay 1.0, so readers
+/// that predate layers still open them.
+pub const VERSION_MINOR_PLAIN: u16 = 0;
+/// Minor version of layered files (those with [`FLAG_PARENT`]).
+pub const VERSION_MINOR_LAYERED: u16 = 1;
+
+/// Incompatible feature flag: the file is a layer on top of a parent
+/// checkpoint; some of its blocks may be [`BlockKind::Parent`], and header
+/// offset 40 holds the parent's index CRC.
+pub const FLAG_PARENT: u32 = 1;
+/// Every feature flag this code understands.
+pub const KNOWN_FLAGS: u32 = FLAG_PARENT;
 
 /// Alignment of storage blocks and of the index, in bytes.
 pub const ALIGN: u64 = 4096;
@@ -132,6 +153,7 @@ mod header_off {
     pub const REGION_COUNT: u64 = 24;
     pub const FLAGS: u64 = 28;
     pub const MEMORY_BYTES: u64 = 32;
+    pub const PARENT_INDEX_CRC: u64 = 40;
 }
 
 /// Errors found while decoding the header, footer or index.
@@ -237,6 +259,8 @@ pub enum BlockKind {
     Raw,
     /// Stored as one zstd frame.
     Zstd,
+    /// Not stored here: the content is the parent checkpoint's block.
+    Parent,
 }
 
 impl BlockKind {
@@ -246,6 +270,7 @@ impl BlockKind {
             BlockKind::Zero => 0,
             BlockKind::Raw => 1,
             BlockKind::Zstd => 2,
+            BlockKind::Parent => 3,
         }
     }
 
@@ -255,6 +280,7 @@ impl BlockKind {
             0 => Some(BlockKind::Zero),
             1 => Some(BlockKind::Raw),
             2 => Some(BlockKind::Zstd),
+            3 => Some(BlockKind::Parent),
             _ => None,
         }
     }
@@ -266,6 +292,7 @@ impl fmt::Display for BlockKind {
             BlockKind::Zero => "zero",
             BlockKind::Raw => "raw",
             BlockKind::Zstd => "zstd",
+            BlockKind::Parent => "parent",
         })
     }
 }
@@ -286,7 +313,9 @@ fn check_block_sizes(memory_block_size: u32, storage_block_size: u32) -> Result<
     if !valid_memory_block_size(memory_block_size) {
         return Err(bad(
             header_off::MEMORY_BLOCK,
-            format!("memory block size {memory_block_size} is not a power of two from 4 KiB to 2 MiB"),
+            format!(
+                "memory block size {memory_block_size} is not a power of two from 4 KiB to 2 MiB"
+            ),
         ));
     }
     if !valid_storage_block_size(storage_block_size, memory_block_size) {
@@ -359,6 +388,9 @@ pub struct Header {
     pub regions: Vec<Region>,
     /// Sum of the region sizes.
     pub memory_bytes: u64,
+    /// For a layered file ([`FLAG_PARENT`] set): the index CRC of the
+    /// parent checkpoint it was written on top of.
+    pub parent_index_crc: Option<u32>,
     /// CRC-32C stored at the end of the header.
     pub crc: u32,
 }
@@ -374,27 +406,57 @@ impl Header {
         align_up(Self::encoded_len(self.regions.len()) as u64)
     }
 
-    /// Builds a header for a new checkpoint, checking its parameters.
+    /// Builds a header for a new plain (1.0) checkpoint, checking its
+    /// parameters.
     pub fn new(
         memory_block_size: u32,
         storage_block_size: u32,
         regions: Vec<Region>,
+    ) -> Result<Self, FormatError> {
+        Self::new_layered(memory_block_size, storage_block_size, regions, None)
+    }
+
+    /// Builds a header for a new checkpoint: layered (1.1, [`FLAG_PARENT`])
+    /// on top of the parent whose index CRC is `parent_index_crc` when that
+    /// is given, plain (1.0) otherwise.
+    pub fn new_layered(
+        memory_block_size: u32,
+        storage_block_size: u32,
+        regions: Vec<Region>,
+        parent_index_crc: Option<u32>,
     ) -> Result<Self, FormatError> {
         let bad = |offset, reason: String| FormatError::DecodeHeader { offset, reason };
         check_block_sizes(memory_block_size, storage_block_size)?;
         let memory_bytes = check_regions(&regions).map_err(|r| bad(HEADER_FIXED_LEN as u64, r))?;
         let mut header = Header {
             version_major: VERSION_MAJOR,
-            version_minor: VERSION_MINOR,
+            version_minor: match parent_index_crc {
+                Some(_) => VERSION_MINOR_LAYERED,
+                None => VERSION_MINOR_PLAIN,
+            },
             memory_block_size,
             storage_block_size,
             regions,
             memory_bytes,
+            parent_index_crc,
             crc: 0,
         };
         let encoded = header.encode();
         header.crc = le_u32(&encoded, encoded.len() - CRC_LEN);
         Ok(header)
+    }
+
+    /// The incompatible feature flags this header sets.
+    pub fn flags(&self) -> u32 {
+        match self.parent_index_crc {
+            Some(_) => FLAG_PARENT,
+            None => 0,
+        }
+    }
+
+    /// Whether the file is a layer on top of a parent checkpoint.
+    pub fn is_layered(&self) -> bool {
+        self.parent_index_crc.is_some()
     }
 
     /// Encodes the header, CRC included (computed afresh), without padding.
@@ -408,9 +470,10 @@ impl Header {
         buf.extend_from_slice(&self.memory_block_size.to_le_bytes());
         buf.extend_from_slice(&self.storage_block_size.to_le_bytes());
         buf.extend_from_slice(&(self.regions.len() as u32).to_le_bytes());
-        buf.extend_from_slice(&0u32.to_le_bytes());
+        buf.extend_from_slice(&self.flags().to_le_bytes());
         buf.extend_from_slice(&self.memory_bytes.to_le_bytes());
-        buf.extend_from_slice(&[0u8; 8]);
+        let parent = u64::from(self.parent_index_crc.unwrap_or(0));
+        buf.extend_from_slice(&parent.to_le_bytes());
         for r in &self.regions {
             buf.extend_from_slice(&r.guest_addr.to_le_bytes());
             buf.extend_from_slice(&r.size.to_le_bytes());
@@ -482,12 +545,25 @@ impl Header {
         let flags = le_u32(buf, 28);
         let memory_bytes = le_u64(buf, 32);
         check_block_sizes(memory_block_size, storage_block_size)?;
-        if flags != 0 {
+        if flags & !KNOWN_FLAGS != 0 {
             return Err(bad(
                 header_off::FLAGS,
-                format!("unknown feature flags {flags:#x}"),
+                format!("unknown feature flags {:#x}", flags & !KNOWN_FLAGS),
             ));
         }
+        // Without the flag the field is reserved, and 1.0 readers ignored it.
+        let parent_index_crc = if flags & FLAG_PARENT != 0 {
+            let field = le_u64(buf, header_off::PARENT_INDEX_CRC as usize);
+            let crc = u32::try_from(field).map_err(|_| {
+                bad(
+                    header_off::PARENT_INDEX_CRC,
+                    format!("parent index checksum field {field:#x} has its upper 32 bits set"),
+                )
+            })?;
+            Some(crc)
+        } else {
+            None
+        };
         let regions: Vec<Region> = (0..region_count)
             .map(|i| {
                 let off = HEADER_FIXED_LEN + i * REGION_ENTRY_LEN;
@@ -511,6 +587,7 @@ impl Header {
             storage_block_size,
             regions,
             memory_bytes,
+            parent_index_crc,
             crc: stored,
         })
     }
@@ -686,13 +763,13 @@ impl StorageEntry {
 pub struct BlockEntry {
     /// How the block is stored.
     pub kind: BlockKind,
-    /// Storage block holding it (0 for zero blocks).
+    /// Storage block holding it (0 for zero and parent blocks).
     pub storage_block: u32,
     /// Offset inside that storage block.
     pub offset: u32,
     /// Stored length.
     pub stored_len: u32,
-    /// CRC-32C of the decompressed content (0 for zero blocks).
+    /// CRC-32C of the decompressed content (0 for zero and parent blocks).
     pub crc: u32,
 }
 
@@ -700,6 +777,15 @@ impl BlockEntry {
     /// The entry of an all-zero block.
     pub const ZERO: BlockEntry = BlockEntry {
         kind: BlockKind::Zero,
+        storage_block: 0,
+        offset: 0,
+        stored_len: 0,
+        crc: 0,
+    };
+
+    /// The entry of a block whose content is in the parent checkpoint.
+    pub const PARENT: BlockEntry = BlockEntry {
+        kind: BlockKind::Parent,
         storage_block: 0,
         offset: 0,
         stored_len: 0,
@@ -820,6 +906,17 @@ pub fn decode_index(
             BlockKind::Zero => {
                 if entry != BlockEntry::ZERO {
                     return Err(bad("zero block has non-zero fields".to_string()));
+                }
+            }
+            BlockKind::Parent => {
+                if !header.is_layered() {
+                    return Err(bad(
+                        "block is in a parent checkpoint, but the header does not mark the file as layered (feature flag bit 0)"
+                            .to_string(),
+                    ));
+                }
+                if entry != BlockEntry::PARENT {
+                    return Err(bad("parent block has non-zero fields".to_string()));
                 }
             }
             BlockKind::Raw | BlockKind::Zstd => {
@@ -1072,6 +1169,82 @@ mod tests {
         assert_eq!(map.block_of((1 << 32) + 8191), Some(5));
         assert_eq!(map.block_of((1 << 32) + 8192), None);
         assert_eq!(map.block_of(u64::MAX), None);
+    }
+
+    /// `bytes` with its header CRC recomputed.
+    fn with_fresh_crc(mut bytes: Vec<u8>) -> Vec<u8> {
+        let crc_off = bytes.len() - CRC_LEN;
+        let crc = crc32c::crc32c(&bytes[..crc_off]);
+        bytes[crc_off..].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn plain_header_is_version_1_0_without_flags() {
+        let header = Header::new(4096, 1 << 20, two_regions()).expect("valid");
+        let bytes = header.encode();
+        assert_eq!(le_u16(&bytes, 10), 0);
+        assert_eq!(le_u32(&bytes, 28), 0);
+        assert_eq!(le_u64(&bytes, 40), 0);
+        assert_eq!(header.parent_index_crc, None);
+    }
+
+    #[test]
+    fn layered_header_round_trips_with_flag_and_parent_crc() {
+        let header =
+            Header::new_layered(4096, 1 << 20, two_regions(), Some(0xdead_beef)).expect("valid");
+        let bytes = header.encode();
+        assert_eq!(le_u16(&bytes, 10), 1);
+        assert_eq!(le_u32(&bytes, 28), FLAG_PARENT);
+        assert_eq!(le_u64(&bytes, 40), 0xdead_beef);
+        let decoded = Header::decode(&bytes).expect("decodes");
+        assert_eq!(decoded, header);
+        assert_eq!(decoded.parent_index_crc, Some(0xdead_beef));
+    }
+
+    #[test]
+    fn header_decode_refuses_unknown_flags_and_a_wide_parent_crc() {
+        let bytes = Header::new_layered(4096, 1 << 20, two_regions(), Some(1))
+            .expect("valid")
+            .encode();
+        let mut unknown = bytes.clone();
+        unknown[28..32].copy_from_slice(&(FLAG_PARENT | 4).to_le_bytes());
+        let err = Header::decode(&with_fresh_crc(unknown)).expect_err("unknown flag");
+        assert!(
+            err.to_string().contains("unknown feature flags 0x4"),
+            "{err}"
+        );
+        let mut wide = bytes;
+        wide[40..48].copy_from_slice(&(1u64 << 32 | 1).to_le_bytes());
+        let err = Header::decode(&with_fresh_crc(wide)).expect_err("upper bits");
+        assert!(
+            matches!(err, FormatError::DecodeHeader { offset: 40, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn plain_header_ignores_the_reserved_field() {
+        let mut bytes = Header::new(4096, 1 << 20, two_regions())
+            .expect("valid")
+            .encode();
+        bytes[40..48].copy_from_slice(&u64::MAX.to_le_bytes());
+        let decoded = Header::decode(&with_fresh_crc(bytes)).expect("1.0 ignored it");
+        assert_eq!(decoded.parent_index_crc, None);
+    }
+
+    #[test]
+    fn block_entry_kind_bytes_round_trip_including_parent() {
+        for kind in [
+            BlockKind::Zero,
+            BlockKind::Raw,
+            BlockKind::Zstd,
+            BlockKind::Parent,
+        ] {
+            assert_eq!(BlockKind::from_byte(kind.to_byte()), Some(kind));
+        }
+        assert_eq!(BlockKind::Parent.to_byte(), 3);
+        assert_eq!(BlockKind::Parent.to_string(), "parent");
     }
 
     #[test]

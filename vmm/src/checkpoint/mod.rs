@@ -7,6 +7,11 @@
 //! from any [`source::MemorySource`]; [`reader::Reader`] opens one for random
 //! (userfaultfd) or sequential (eager) restore; [`cli`] is
 //! `stasis checkpoint …`.
+//!
+//! Incremental checkpoints: a *layered* file stores only the blocks that
+//! changed since its parent checkpoint and marks the others as in the
+//! parent. [`reader::Reader::open_chain`] reads a chain of such files as
+//! one memory image; [`writer::flatten`] merges a chain into one plain file.
 
 pub mod cli;
 pub mod format;
@@ -18,8 +23,8 @@ pub mod writer;
 
 pub use format::{BlockKind, Region};
 pub use reader::{
-    BlockIndex, BlockInfo, BlockSink, ReadError, Reader, ReaderOptions, Sequential, SinkError,
-    Summary,
+    BlockIndex, BlockInfo, BlockSink, LayerSummary, ReadError, Reader, ReaderOptions, Sequential,
+    SinkError, Summary,
 };
-pub use source::{FileSource, ImageSource, MemorySource, SourceError};
-pub use writer::{write_checkpoint, WriteError, WriteStats, WriterOptions};
+pub use source::{BlockHint, FileSource, ImageSource, MemorySource, ReaderSource, SourceError};
+pub use writer::{flatten, write_checkpoint, WriteError, WriteStats, WriterOptions};

@@ -16,6 +16,15 @@
 //!
 //! A `Reader` is `Send + Sync` and every method takes `&self`, so one
 //! reader can serve a fault-handling thread and others at once.
+//!
+//! Chains: a layered checkpoint marks the blocks that did not change since
+//! its parent as [`BlockKind::Parent`]. [`Reader::open_chain`] (or
+//! [`Reader::attach_parent`]) opens a layer on top of its parent after
+//! checking that they describe the same memory and that the parent is the
+//! one the layer was written on (its index CRC). Every read then resolves
+//! a block to the newest layer that holds it: [`BlockInfo::layer`] says
+//! which, 0 being the newest file. A reader opened alone on a layered file
+//! reports its parent blocks as such and refuses to read them.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -27,6 +36,12 @@ use super::format::{
     align_up, decode_index, BlockEntry, BlockKind, BlockMap, Footer, FormatError, Header, Region,
     StorageEntry, ALIGN, FOOTER_LEN, HEADER_FIXED_LEN,
 };
+
+/// Most files one chain may hold.
+pub const MAX_CHAIN_DEPTH: usize = 1024;
+
+/// Zero blocks of a chain handed to one parallel reader thread at a time.
+const ZERO_BLOCKS_PER_UNIT: usize = 4096;
 
 /// Number of a memory block, counted across all regions.
 pub type BlockIndex = usize;
@@ -135,6 +150,57 @@ pub enum ReadError {
     /// A parallel reader thread panicked.
     #[error("a reader thread stopped unexpectedly")]
     JoinThread,
+    /// The block is in a parent checkpoint that was not opened.
+    #[error("block {block} is in the parent checkpoint, which was not opened")]
+    ReadParentBlock { block: BlockIndex },
+    /// Reading a block from an older layer of a chain failed.
+    #[error("in layer {layer} of the chain, {path}")]
+    ReadLayer {
+        layer: usize,
+        path: PathBuf,
+        #[source]
+        source: Box<ReadError>,
+    },
+    /// Duplicating a file descriptor for [`Reader::try_clone`] failed.
+    #[error("cannot duplicate the descriptor of {path}")]
+    CloneFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// [`Reader::open_chain`] was given no files.
+    #[error("a checkpoint chain needs at least one file")]
+    CheckChainEmpty,
+    /// A chain holds more files than [`MAX_CHAIN_DEPTH`].
+    #[error("{path} cannot sit on top of a chain of {depth} files: at most {MAX_CHAIN_DEPTH} are allowed")]
+    CheckChainDepth { path: PathBuf, depth: usize },
+    /// A layer and its parent describe different memory.
+    #[error("{path} cannot sit on top of {parent}: {reason}")]
+    CheckChainGeometry {
+        path: PathBuf,
+        parent: PathBuf,
+        reason: String,
+    },
+    /// The parent is not the checkpoint the layer was written on.
+    #[error("layer {path} was written on top of a parent whose index checksum was {expected:#010x}; {parent} has {found:#010x}: it is not that parent, or it changed")]
+    CheckParentCrc {
+        path: PathBuf,
+        parent: PathBuf,
+        expected: u32,
+        found: u32,
+    },
+    /// A plain (self-contained) file was put on top of another.
+    #[error("{path} is not a layered checkpoint, so it cannot sit on top of {parent}")]
+    CheckLayered { path: PathBuf, parent: PathBuf },
+    /// The oldest file of a chain is itself a layer on a missing parent.
+    #[error("{path} is a layer on top of a parent checkpoint (index checksum {parent_index_crc:#010x}), but no parent was given after it")]
+    CheckChainBottom {
+        path: PathBuf,
+        parent_index_crc: u32,
+    },
+    /// The layer already has a parent.
+    #[error("{path} already has a parent checkpoint attached")]
+    CheckAttached { path: PathBuf },
 }
 
 /// What a sink of [`Reader::read_all_parallel`] may fail with.
@@ -165,29 +231,48 @@ impl Default for ReaderOptions {
     }
 }
 
-/// Where and how one memory block is stored.
+/// Where and how one memory block is stored. For a chain, this describes
+/// the block in the layer that holds its content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct BlockInfo {
     /// Block number.
     pub index: BlockIndex,
-    /// Zero, raw or zstd.
+    /// Zero, raw or zstd; parent only when the block is in a parent
+    /// checkpoint that was not opened.
     pub kind: BlockKind,
+    /// Layer of the chain holding the block: 0 is the newest file (the one
+    /// the reader was opened on), 1 its parent, and so on. The storage
+    /// block and file offset below are in that layer's file.
+    pub layer: usize,
     /// Guest-physical address of the block's first byte.
     pub guest_addr: u64,
     /// Decompressed length (the memory block size, or less for the last
     /// block of a region).
     pub len: usize,
-    /// Stored length (0 for zero blocks).
+    /// Stored length (0 for zero and parent blocks).
     pub stored_len: u32,
-    /// Storage block holding it (0 for zero blocks).
+    /// Storage block holding it (0 for zero and parent blocks).
     pub storage_block: u32,
-    /// File offset of the stored bytes (0 for zero blocks).
+    /// File offset of the stored bytes (0 for zero and parent blocks).
     pub file_offset: u64,
-    /// CRC-32C of the decompressed content (0 for zero blocks).
+    /// CRC-32C of the decompressed content (0 for zero and parent blocks).
     pub crc: u32,
 }
 
-/// Counts for `inspect`.
+/// One file of a chain, for `inspect`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LayerSummary {
+    /// The file's path, as given.
+    pub path: PathBuf,
+    /// Its index CRC, which a layer on top of it records.
+    pub index_crc: u32,
+    /// Blocks whose content this layer supplies to the chain (zero blocks
+    /// included; blocks a newer layer overrides excluded).
+    pub blocks: usize,
+}
+
+/// Counts for `inspect`. Block and byte counts are the file's own (the
+/// newest layer's, for a chain); `chain` says what each layer supplies.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Summary {
     /// Format version, "major.minor".
@@ -208,6 +293,18 @@ pub struct Summary {
     pub raw_blocks: usize,
     /// Memory blocks stored compressed.
     pub zstd_blocks: usize,
+    /// Memory blocks in the parent checkpoint.
+    pub parent_blocks: usize,
+    /// CRC of the file's index: what a layer on top of it records.
+    pub index_crc: u32,
+    /// For a layered file: its parent's index CRC.
+    pub parent_index_crc: Option<u32>,
+    /// Files in the opened chain (1 for a file opened alone).
+    pub chain_depth: usize,
+    /// The opened chain, newest first.
+    pub chain: Vec<LayerSummary>,
+    /// Blocks in a parent checkpoint that was not opened.
+    pub unresolved_blocks: usize,
     /// Storage blocks.
     pub storage_blocks: usize,
     /// Bytes of stored blocks, padding excluded.
@@ -266,7 +363,8 @@ struct Scratch {
     buf: IoBuf,
 }
 
-/// An open, validated checkpoint file.
+/// An open, validated checkpoint file, and the chain of parents opened
+/// under it if it is a layer.
 pub struct Reader {
     file: File,
     /// The same file opened with O_DIRECT, when asked for.
@@ -275,11 +373,15 @@ pub struct Reader {
     file_len: u64,
     header: Header,
     map: BlockMap,
-    storage: Vec<StorageEntry>,
-    entries: Vec<BlockEntry>,
+    /// The index, shared with clones: it never changes after open.
+    storage: Arc<[StorageEntry]>,
+    entries: Arc<[BlockEntry]>,
+    index_crc: u32,
     options: ReaderOptions,
     cache: Mutex<Cache>,
     scratch: Mutex<Vec<Scratch>>,
+    /// The parent layer, for a layered file opened in a chain.
+    parent: Option<Arc<Reader>>,
 }
 
 impl std::fmt::Debug for Reader {
@@ -287,6 +389,7 @@ impl std::fmt::Debug for Reader {
         f.debug_struct("Reader")
             .field("path", &self.path)
             .field("blocks", &self.entries.len())
+            .field("parent", &self.parent)
             .finish_non_exhaustive()
     }
 }
@@ -409,11 +512,121 @@ impl Reader {
             file_len,
             header,
             map,
-            storage,
-            entries,
+            storage: storage.into(),
+            entries: entries.into(),
+            index_crc: footer.index_crc,
             options,
             cache: Mutex::new(Cache::default()),
             scratch: Mutex::new(Vec::new()),
+            parent: None,
+        })
+    }
+
+    /// Opens a chain of checkpoints, newest first: each file but the last
+    /// must be a layer written on top of the file after it, and the last
+    /// must be self-contained. Every file is opened with `options` (so each
+    /// has its own storage block cache). Returns the newest file's reader,
+    /// which resolves every block through the chain.
+    pub fn open_chain(paths: &[PathBuf], options: ReaderOptions) -> Result<Self, ReadError> {
+        let (oldest, newer) = paths.split_last().ok_or(ReadError::CheckChainEmpty)?;
+        let mut reader = Self::open_with(oldest, options)?;
+        if let Some(crc) = reader.header.parent_index_crc {
+            return Err(ReadError::CheckChainBottom {
+                path: reader.path,
+                parent_index_crc: crc,
+            });
+        }
+        for path in newer.iter().rev() {
+            reader = Self::open_with(path, options)?.attach_parent(Arc::new(reader))?;
+        }
+        Ok(reader)
+    }
+
+    /// Puts this layer on top of `parent` (which may itself be a chain),
+    /// after checking that this file is layered and has no parent yet, that
+    /// both describe the same regions with the same memory block size, and
+    /// that `parent`'s index CRC is the one this layer was written on.
+    pub fn attach_parent(mut self, parent: Arc<Reader>) -> Result<Self, ReadError> {
+        let Some(expected) = self.header.parent_index_crc else {
+            return Err(ReadError::CheckLayered {
+                path: self.path,
+                parent: parent.path.clone(),
+            });
+        };
+        if self.parent.is_some() {
+            return Err(ReadError::CheckAttached { path: self.path });
+        }
+        let depth = parent.chain_depth();
+        if depth >= MAX_CHAIN_DEPTH {
+            return Err(ReadError::CheckChainDepth {
+                path: self.path,
+                depth,
+            });
+        }
+        let geometry = |reason: String| ReadError::CheckChainGeometry {
+            path: self.path.clone(),
+            parent: parent.path.clone(),
+            reason,
+        };
+        let (mine, theirs) = (&self.header, &parent.header);
+        if mine.memory_block_size != theirs.memory_block_size {
+            return Err(geometry(format!(
+                "their memory block sizes differ ({} and {} bytes)",
+                mine.memory_block_size, theirs.memory_block_size
+            )));
+        }
+        if mine.regions != theirs.regions {
+            return Err(geometry(format!(
+                "their memory regions differ ({} and {})",
+                describe_regions(&mine.regions),
+                describe_regions(&theirs.regions)
+            )));
+        }
+        if expected != parent.index_crc {
+            return Err(ReadError::CheckParentCrc {
+                path: self.path,
+                parent: parent.path.clone(),
+                expected,
+                found: parent.index_crc,
+            });
+        }
+        self.parent = Some(parent);
+        Ok(self)
+    }
+
+    /// An independent reader of the same open files, its parents included:
+    /// the descriptors are duplicated (no path is opened again) and the
+    /// clone gets its own caches and locks, so it may be used in a child
+    /// process after `fork()` whatever the original was doing. The index is
+    /// shared, read-only.
+    pub fn try_clone(&self) -> Result<Self, ReadError> {
+        let clone_err = |source| ReadError::CloneFile {
+            path: self.path.clone(),
+            source,
+        };
+        let parent = match &self.parent {
+            Some(parent) => Some(Arc::new(parent.try_clone()?)),
+            None => None,
+        };
+        Ok(Reader {
+            file: self.file.try_clone().map_err(clone_err)?,
+            direct: self
+                .direct
+                .as_ref()
+                .map(File::try_clone)
+                .transpose()
+                .map_err(clone_err)?,
+            path: self.path.clone(),
+            file_len: self.file_len,
+            header: self.header.clone(),
+            map: self.map.clone(),
+            storage: Arc::clone(&self.storage),
+            entries: Arc::clone(&self.entries),
+            index_crc: self.index_crc,
+            options: self.options,
+            cache: Mutex::new(Cache::default()),
+            scratch: Mutex::new(Vec::new()),
+            parent,
         })
     }
 
@@ -443,9 +656,41 @@ impl Reader {
         &self.path
     }
 
-    /// The decoded header: version, block sizes, regions.
+    /// The decoded header: version, block sizes, regions, parent CRC.
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// CRC of this file's index (from its footer): what a layer written on
+    /// top of this checkpoint records as its parent's.
+    pub fn index_crc(&self) -> u32 {
+        self.index_crc
+    }
+
+    /// For a layered file: the index CRC of the parent it was written on.
+    pub fn parent_index_crc(&self) -> Option<u32> {
+        self.header.parent_index_crc
+    }
+
+    /// The parent layer, when one was opened under this file.
+    pub fn parent(&self) -> Option<&Arc<Reader>> {
+        self.parent.as_ref()
+    }
+
+    /// The files of the chain, newest (this one) first.
+    pub fn layers(&self) -> Vec<&Reader> {
+        let mut layers = vec![self];
+        let mut layer = self;
+        while let Some(parent) = &layer.parent {
+            layers.push(parent);
+            layer = parent;
+        }
+        layers
+    }
+
+    /// Number of files in the chain: 1 for a file opened alone.
+    pub fn chain_depth(&self) -> usize {
+        self.layers().len()
     }
 
     /// Number of memory blocks.
@@ -453,12 +698,12 @@ impl Reader {
         self.entries.len()
     }
 
-    /// Number of storage blocks.
+    /// Number of storage blocks in this file.
     pub fn storage_block_count(&self) -> usize {
         self.storage.len()
     }
 
-    /// File offset of storage block `i`.
+    /// File offset of storage block `i` of this file.
     pub fn storage_block_offset(&self, i: usize) -> Option<u64> {
         self.storage.get(i).map(|s| s.file_offset)
     }
@@ -468,17 +713,37 @@ impl Reader {
         self.map.block_of(gpa)
     }
 
-    /// Where and how block `block` is stored.
-    pub fn block_info(&self, block: BlockIndex) -> Option<BlockInfo> {
+    /// The layer holding block `block`'s content and its number (0 for
+    /// this file): the first one down the chain whose entry is not a
+    /// parent block, or the last one opened.
+    fn resolve(&self, block: BlockIndex) -> Option<(usize, &Reader)> {
+        let mut layer = self;
+        let mut depth = 0;
+        loop {
+            let entry = layer.entries.get(block)?;
+            match &layer.parent {
+                Some(parent) if entry.kind == BlockKind::Parent => {
+                    layer = parent;
+                    depth += 1;
+                }
+                _ => return Some((depth, layer)),
+            }
+        }
+    }
+
+    /// Where and how block `block` is stored in this file itself, as layer
+    /// `layer` of a chain.
+    fn own_block_info(&self, block: BlockIndex, layer: usize) -> Option<BlockInfo> {
         let entry = self.entries.get(block)?;
         let (_, _, len) = self.map.locate(block);
         let file_offset = match entry.kind {
-            BlockKind::Zero => 0,
+            BlockKind::Zero | BlockKind::Parent => 0,
             _ => self.storage[entry.storage_block as usize].file_offset + u64::from(entry.offset),
         };
         Some(BlockInfo {
             index: block,
             kind: entry.kind,
+            layer,
             guest_addr: self.map.guest_addr(block),
             len,
             stored_len: entry.stored_len,
@@ -488,10 +753,38 @@ impl Reader {
         })
     }
 
-    /// Counts of blocks by kind, sizes and ratio.
+    /// Where and how block `block` is stored, in the layer of the chain that
+    /// holds it (see [`BlockInfo::layer`]).
+    pub fn block_info(&self, block: BlockIndex) -> Option<BlockInfo> {
+        let (layer, reader) = self.resolve(block)?;
+        reader.own_block_info(block, layer)
+    }
+
+    /// Counts of blocks by kind, sizes and ratio, and the chain.
     pub fn summary(&self) -> Summary {
         let count = |k| self.entries.iter().filter(|e| e.kind == k).count();
         let stored_bytes = self.entries.iter().map(|e| u64::from(e.stored_len)).sum();
+        let layers = self.layers();
+        let mut supplied = vec![0usize; layers.len()];
+        let mut unresolved_blocks = 0;
+        for block in 0..self.entries.len() {
+            if let Some((layer, reader)) = self.resolve(block) {
+                if reader.entries[block].kind == BlockKind::Parent {
+                    unresolved_blocks += 1;
+                } else {
+                    supplied[layer] += 1;
+                }
+            }
+        }
+        let chain = layers
+            .iter()
+            .zip(supplied)
+            .map(|(layer, blocks)| LayerSummary {
+                path: layer.path.clone(),
+                index_crc: layer.index_crc,
+                blocks,
+            })
+            .collect();
         Summary {
             version: format!(
                 "{}.{}",
@@ -505,6 +798,12 @@ impl Reader {
             zero_blocks: count(BlockKind::Zero),
             raw_blocks: count(BlockKind::Raw),
             zstd_blocks: count(BlockKind::Zstd),
+            parent_blocks: count(BlockKind::Parent),
+            index_crc: self.index_crc,
+            parent_index_crc: self.header.parent_index_crc,
+            chain_depth: layers.len(),
+            chain,
+            unresolved_blocks,
             storage_blocks: self.storage.len(),
             stored_bytes,
             file_bytes: self.file_len,
@@ -513,17 +812,21 @@ impl Reader {
     }
 
     /// Reads block `block`, decompressed and checksum-verified, into the
-    /// start of `buf`, and returns that part of `buf`. `buf` must hold at
-    /// least the block's length. On error, `buf`'s content is unspecified.
+    /// start of `buf`, and returns that part of `buf`; for a chain, from the
+    /// layer that holds it. `buf` must hold at least the block's length. On
+    /// error, `buf`'s content is unspecified.
     pub fn read_block<'b>(
         &self,
         block: BlockIndex,
         buf: &'b mut [u8],
     ) -> Result<&'b [u8], ReadError> {
-        let info = self.block_info(block).ok_or(ReadError::FindBlock {
+        let (layer, reader) = self.resolve(block).ok_or(ReadError::FindBlock {
             block,
             count: self.entries.len(),
         })?;
+        let info = reader
+            .own_block_info(block, layer)
+            .expect("resolve found the entry");
         if buf.len() < info.len {
             return Err(ReadError::CheckBuffer {
                 block,
@@ -531,55 +834,81 @@ impl Reader {
                 needed: info.len,
             });
         }
-        let out = &mut buf[..info.len];
-        if info.kind == BlockKind::Zero {
-            out.fill(0);
-            return Ok(out);
+        reader
+            .read_own_block(&info, &mut buf[..info.len])
+            .map_err(|err| in_layer(layer, reader, err))
+    }
+
+    /// Reads block `info` of this file itself into `out`, exactly the
+    /// block's length.
+    fn read_own_block<'b>(
+        &self,
+        info: &BlockInfo,
+        out: &'b mut [u8],
+    ) -> Result<&'b [u8], ReadError> {
+        match info.kind {
+            BlockKind::Zero => {
+                out.fill(0);
+                return Ok(out);
+            }
+            BlockKind::Parent => return Err(ReadError::ReadParentBlock { block: info.index }),
+            BlockKind::Raw | BlockKind::Zstd => {}
         }
         if self.options.cached_storage_blocks > 0 {
-            let storage = self.cached_storage_block(&info)?;
+            let storage = self.cached_storage_block(info)?;
             let start =
                 (info.file_offset - self.storage[info.storage_block as usize].file_offset) as usize;
             let stored = &storage.bytes()[start..start + info.stored_len as usize];
-            self.with_scratch(&info, |s| decode_block(&info, stored, out, &mut s.dctx))?;
+            self.with_scratch(info, |s| decode_block(info, stored, out, &mut s.dctx))?;
         } else if info.kind == BlockKind::Raw && self.direct.is_none() {
             // Straight into the caller's buffer: no copy.
             self.file
                 .read_exact_at(out, info.file_offset)
-                .map_err(|source| read_error(&info, info.file_offset, source))?;
-            check_crc(&info, out)?;
+                .map_err(|source| read_error(info, info.file_offset, source))?;
+            check_crc(info, out)?;
         } else {
-            self.with_scratch(&info, |s| {
+            self.with_scratch(info, |s| {
                 self.read_data(info.file_offset, info.stored_len as usize, &mut s.buf)
-                    .map_err(|source| read_error(&info, info.file_offset, source))?;
-                decode_block(&info, s.buf.bytes(), out, &mut s.dctx)
+                    .map_err(|source| read_error(info, info.file_offset, source))?;
+                decode_block(info, s.buf.bytes(), out, &mut s.dctx)
             })?;
         }
         Ok(out)
     }
 
-    /// Empties the storage block cache, releasing its memory.
+    /// Empties the storage block caches of every layer, releasing their
+    /// memory.
     pub fn clear_cache(&self) {
-        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        cache.slots.clear();
+        for layer in self.layers() {
+            let mut cache = layer.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            cache.slots.clear();
+        }
     }
 
-    /// A sequential reader of every block in order, reading each storage
-    /// block once: the bulk path for an eager restore and for `verify`.
+    /// A sequential reader of every block in order, resolved through the
+    /// chain, reading each storage block of each layer once: the bulk path
+    /// for an eager restore and for `verify`.
     pub fn sequential(&self) -> Sequential<'_> {
         self.sequential_range(0..self.entries.len())
     }
 
     /// A sequential reader of blocks `range` (clamped to the block count).
     pub fn sequential_range(&self, range: std::ops::Range<BlockIndex>) -> Sequential<'_> {
+        let end = range.end.min(self.entries.len());
+        self.sequential_of(Blocks::Range(range.start..end), true)
+    }
+
+    fn sequential_of<'r>(&'r self, blocks: Blocks<'r>, resolve: bool) -> Sequential<'r> {
+        let layers = if resolve { self.layers() } else { vec![self] };
+        let block_size = self.header.memory_block_size as usize;
         Sequential {
             reader: self,
-            next: range.start,
-            end: range.end.min(self.entries.len()),
-            loaded: None,
-            storage_buf: IoBuf::default(),
-            out: vec![0u8; self.header.memory_block_size as usize],
-            zeros: vec![0u8; self.header.memory_block_size as usize],
+            loaded: vec![None; layers.len()],
+            storage_bufs: (0..layers.len()).map(|_| IoBuf::default()).collect(),
+            layers,
+            blocks,
+            out: vec![0u8; block_size],
+            zeros: vec![0u8; block_size],
             scratch: None,
         }
     }
@@ -587,26 +916,24 @@ impl Reader {
     /// Reads every block on `threads` threads (0: one per core; at most
     /// [`MAX_THREADS`]) and hands
     /// each, decompressed and checked, to `sink` (zero blocks as zeros:
-    /// check `kind` to skip them). Blocks arrive in no particular order.
-    /// Work is split at storage block boundaries, so each storage block is
-    /// read once. Stops at the first error any thread meets, which need not
-    /// be the lowest-numbered bad block (use [`Reader::verify`] for that).
+    /// check `kind` to skip them), resolved through the chain. Blocks
+    /// arrive in no particular order, each once.
+    /// Work is split at storage block boundaries (of each layer, for a
+    /// chain), so each storage block is read once. Stops at the first error
+    /// any thread meets, which need not be the lowest-numbered bad block
+    /// (use [`Reader::verify`] for that).
     pub fn read_all_parallel(&self, threads: usize, sink: &BlockSink<'_>) -> Result<(), ReadError> {
         let threads = match threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n.min(MAX_THREADS),
         };
-        // Unit k runs from the first block stored in storage block k to the
-        // first block of storage block k + 1; unit 0 starts at block 0.
-        let mut starts = vec![0];
-        let mut last_sb = 0;
-        for (i, e) in self.entries.iter().enumerate() {
-            if e.kind != BlockKind::Zero && e.storage_block != last_sb {
-                last_sb = e.storage_block;
-                starts.push(i);
+        let (order, units) = match self.parent {
+            None => (None, self.plain_units()),
+            Some(_) => {
+                let (order, units) = self.chain_units();
+                (Some(order), units)
             }
-        }
-        starts.push(self.entries.len());
+        };
         let next_unit = std::sync::atomic::AtomicUsize::new(0);
         let failure: Mutex<Option<ReadError>> = Mutex::new(None);
         let failed = std::sync::atomic::AtomicBool::new(false);
@@ -614,10 +941,14 @@ impl Reader {
             use std::sync::atomic::Ordering::Relaxed;
             while !failed.load(Relaxed) {
                 let unit = next_unit.fetch_add(1, Relaxed);
-                if unit + 1 >= starts.len() {
+                let Some(range) = units.get(unit) else {
                     return;
-                }
-                let mut seq = self.sequential_range(starts[unit]..starts[unit + 1]);
+                };
+                let blocks = match &order {
+                    None => Blocks::Range(range.clone()),
+                    Some(order) => Blocks::List(order[range.clone()].iter()),
+                };
+                let mut seq = self.sequential_of(blocks, true);
                 while let Some(block) = seq.next_block() {
                     let result = block.and_then(|(info, data)| {
                         sink(&info, data).map_err(|source| ReadError::Sink {
@@ -648,8 +979,71 @@ impl Reader {
         }
     }
 
-    /// Reads and checks every block; returns the number of blocks checked,
-    /// or the first bad block's error.
+    /// Work units of a file without a parent: block ranges, each from the
+    /// first block stored in storage block k to the first block of storage
+    /// block k + 1; unit 0 starts at block 0.
+    fn plain_units(&self) -> Vec<std::ops::Range<BlockIndex>> {
+        let mut starts = vec![0];
+        let mut last_sb = 0;
+        for (i, e) in self.entries.iter().enumerate() {
+            if matches!(e.kind, BlockKind::Raw | BlockKind::Zstd) && e.storage_block != last_sb {
+                last_sb = e.storage_block;
+                starts.push(i);
+            }
+        }
+        starts.push(self.entries.len());
+        starts.windows(2).map(|w| w[0]..w[1]).collect()
+    }
+
+    /// Work units of a chain: the blocks in an order that groups them by
+    /// the layer and storage block holding them, and ranges of that order,
+    /// one per storage block of each layer, then zero (and unresolved
+    /// parent) blocks in chunks.
+    fn chain_units(&self) -> (Vec<BlockIndex>, Vec<std::ops::Range<usize>>) {
+        let depth = self.chain_depth();
+        // Per layer, the stored blocks it supplies; the last list holds the
+        // blocks with nothing to read.
+        let mut lists: Vec<Vec<BlockIndex>> = vec![Vec::new(); depth + 1];
+        for block in 0..self.entries.len() {
+            if let Some((layer, reader)) = self.resolve(block) {
+                match reader.entries[block].kind {
+                    BlockKind::Raw | BlockKind::Zstd => lists[layer].push(block),
+                    BlockKind::Zero | BlockKind::Parent => lists[depth].push(block),
+                }
+            }
+        }
+        let layers = self.layers();
+        let mut order = Vec::with_capacity(self.entries.len());
+        let mut units = Vec::new();
+        for (layer, list) in lists.into_iter().enumerate() {
+            let mut start = order.len();
+            let mut last_sb = None;
+            for block in list {
+                let split = match layers.get(layer) {
+                    Some(reader) => {
+                        let sb = reader.entries[block].storage_block;
+                        let split = last_sb.is_some_and(|last| last != sb);
+                        last_sb = Some(sb);
+                        split
+                    }
+                    None => order.len() - start >= ZERO_BLOCKS_PER_UNIT,
+                };
+                if split {
+                    units.push(start..order.len());
+                    start = order.len();
+                }
+                order.push(block);
+            }
+            if order.len() > start {
+                units.push(start..order.len());
+            }
+        }
+        (order, units)
+    }
+
+    /// Reads and checks every block, resolved through the chain; returns
+    /// the number of blocks checked, or the first bad block's error. A
+    /// block in a parent checkpoint that was not opened is an error.
     pub fn verify(&self) -> Result<usize, ReadError> {
         let mut seq = self.sequential();
         let mut checked = 0;
@@ -660,6 +1054,21 @@ impl Reader {
         Ok(checked)
     }
 
+    /// Reads and checks every block this file itself holds (zero blocks
+    /// included), skipping its parent blocks whether or not a parent is
+    /// open; returns the number of blocks checked.
+    pub fn verify_layer(&self) -> Result<usize, ReadError> {
+        let mut seq = self.sequential_of(Blocks::Range(0..self.entries.len()), false);
+        let mut checked = 0;
+        while let Some(block) = seq.next_block() {
+            match block {
+                Ok(_) => checked += 1,
+                Err(ReadError::ReadParentBlock { .. }) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(checked)
+    }
     /// The storage block holding `info`'s block, from the cache or the file.
     fn cached_storage_block(&self, info: &BlockInfo) -> Result<Arc<IoBuf>, ReadError> {
         let sb = info.storage_block;
@@ -725,6 +1134,30 @@ impl Reader {
     }
 }
 
+/// `err`, met reading from `reader` as layer `layer` of a chain, named
+/// with that layer's file when it is not the newest one.
+fn in_layer(layer: usize, reader: &Reader, err: ReadError) -> ReadError {
+    match layer {
+        0 => err,
+        _ => ReadError::ReadLayer {
+            layer,
+            path: reader.path.clone(),
+            source: Box::new(err),
+        },
+    }
+}
+
+/// A short description of a region list for error messages.
+fn describe_regions(regions: &[Region]) -> String {
+    let total: u64 = regions.iter().map(|r| r.size).sum();
+    let first = regions.first().map_or(0, |r| r.guest_addr);
+    format!(
+        "{} region{} from {first:#x}, {total} bytes",
+        regions.len(),
+        if regions.len() == 1 { "" } else { "s" }
+    )
+}
+
 fn read_error(info: &BlockInfo, offset: u64, source: std::io::Error) -> ReadError {
     ReadError::ReadBlock {
         block: info.index,
@@ -766,6 +1199,7 @@ fn decode_block(
 ) -> Result<(), ReadError> {
     match info.kind {
         BlockKind::Zero => out.fill(0),
+        BlockKind::Parent => return Err(ReadError::ReadParentBlock { block: info.index }),
         BlockKind::Raw => out.copy_from_slice(stored),
         BlockKind::Zstd => {
             // The output is bounded by `out`: a frame claiming more fails.
@@ -789,13 +1223,35 @@ fn decode_block(
     check_crc(info, out)
 }
 
+/// Which blocks a [`Sequential`] reads, in order.
+enum Blocks<'a> {
+    /// Consecutive block numbers.
+    Range(std::ops::Range<BlockIndex>),
+    /// Listed blocks (for a chain's parallel read), increasing within one
+    /// layer's storage block.
+    List(std::slice::Iter<'a, BlockIndex>),
+}
+
+impl Iterator for Blocks<'_> {
+    type Item = BlockIndex;
+
+    fn next(&mut self) -> Option<BlockIndex> {
+        match self {
+            Blocks::Range(range) => range.next(),
+            Blocks::List(list) => list.next().copied(),
+        }
+    }
+}
+
 /// Reads every block in order; see [`Reader::sequential`].
 pub struct Sequential<'r> {
     reader: &'r Reader,
-    next: BlockIndex,
-    end: BlockIndex,
-    loaded: Option<u32>,
-    storage_buf: IoBuf,
+    /// The chain, newest first; only `reader` when not resolving parents.
+    layers: Vec<&'r Reader>,
+    blocks: Blocks<'r>,
+    /// Per layer: which of its storage blocks `storage_bufs` holds.
+    loaded: Vec<Option<u32>>,
+    storage_bufs: Vec<IoBuf>,
     out: Vec<u8>,
     zeros: Vec<u8>,
     /// Decompression state borrowed from the reader's pool.
@@ -813,34 +1269,51 @@ impl Drop for Sequential<'_> {
 impl Sequential<'_> {
     /// The next block's description and content (all zero for zero
     /// blocks: check `kind` to skip them), or `None` after the last block.
-    /// After an error the next call moves on to the following block.
+    /// For a chain, the content comes from the layer that holds it. After
+    /// an error the next call moves on to the following block.
     pub fn next_block(&mut self) -> Option<Result<(BlockInfo, &[u8]), ReadError>> {
-        if self.next >= self.end {
-            return None;
+        let block = self.blocks.next()?;
+        // The last layer in `layers` is where resolution stops.
+        let (layer, reader) = self
+            .layers
+            .iter()
+            .enumerate()
+            .find(|(depth, layer)| {
+                *depth + 1 == self.layers.len()
+                    || layer.entries.get(block).map(|e| e.kind) != Some(BlockKind::Parent)
+            })
+            .map(|(depth, layer)| (depth, *layer))?;
+        let info = reader.own_block_info(block, layer)?;
+        match info.kind {
+            BlockKind::Zero => Some(Ok((info, &self.zeros[..info.len]))),
+            BlockKind::Parent => Some(Err(in_layer(
+                layer,
+                reader,
+                ReadError::ReadParentBlock { block },
+            ))),
+            BlockKind::Raw | BlockKind::Zstd => Some(
+                self.load(reader, &info)
+                    .map(|()| (info, &self.out[..info.len]))
+                    .map_err(|err| in_layer(layer, reader, err)),
+            ),
         }
-        let info = self.reader.block_info(self.next)?;
-        self.next += 1;
-        if info.kind == BlockKind::Zero {
-            return Some(Ok((info, &self.zeros[..info.len])));
-        }
-        Some(self.load(&info).map(|()| (info, &self.out[..info.len])))
     }
 
-    fn load(&mut self, info: &BlockInfo) -> Result<(), ReadError> {
-        let entry = self.reader.storage[info.storage_block as usize];
-        if self.loaded != Some(info.storage_block) {
-            self.loaded = None;
-            self.reader
-                .read_data(
-                    entry.file_offset,
-                    entry.stored_len as usize,
-                    &mut self.storage_buf,
-                )
+    /// Decodes `info`'s block of layer `reader` into `out`, reading its
+    /// storage block unless it is the one last read from that layer.
+    fn load(&mut self, reader: &Reader, info: &BlockInfo) -> Result<(), ReadError> {
+        let entry = reader.storage[info.storage_block as usize];
+        let buf = &mut self.storage_bufs[info.layer];
+        let loaded = &mut self.loaded[info.layer];
+        if *loaded != Some(info.storage_block) {
+            *loaded = None;
+            reader
+                .read_data(entry.file_offset, entry.stored_len as usize, buf)
                 .map_err(|source| read_error(info, entry.file_offset, source))?;
-            self.loaded = Some(info.storage_block);
+            *loaded = Some(info.storage_block);
         }
         let start = (info.file_offset - entry.file_offset) as usize;
-        let stored = &self.storage_buf.bytes()[start..start + info.stored_len as usize];
+        let stored = &buf.bytes()[start..start + info.stored_len as usize];
         let scratch = match &mut self.scratch {
             Some(s) => s,
             slot => slot.insert(self.reader.take_scratch(info)?),
@@ -887,6 +1360,7 @@ mod tests {
             storage_block_size: 3 * 4096,
             level: 3,
             threads: 2,
+            parent_index_crc: None,
         }
     }
 
@@ -1138,5 +1612,656 @@ mod tests {
                 });
             }
         });
+    }
+
+    // ---- chains ------------------------------------------------------------
+
+    use crate::checkpoint::format::FLAG_PARENT;
+    use crate::checkpoint::source::{BlockHint, HintedSource};
+    use crate::checkpoint::writer::{flatten, WriteError, WriteStats};
+
+    /// Length of the low region of the chain tests: 20 whole blocks and a
+    /// 100-byte tail; the high region at 4 GiB has 6 blocks.
+    const LOW: usize = 20 * 4096 + 100;
+    const HIGH_BLOCKS: usize = 6;
+    const BLOCKS: usize = 21 + HIGH_BLOCKS;
+
+    /// Block `i`'s range in the flat image (low region, then high).
+    fn span(i: usize) -> std::ops::Range<usize> {
+        if i < 21 {
+            i * 4096..(i * 4096 + 4096).min(LOW)
+        } else {
+            let start = LOW + (i - 21) * 4096;
+            start..start + 4096
+        }
+    }
+
+    /// The flat-image block of (region, offset).
+    fn block_at(region: usize, offset: u64) -> usize {
+        region * 21 + offset as usize / 4096
+    }
+
+    /// Content of block `i` at `version`: text-like or pseudo-random.
+    fn fill(image: &mut [u8], i: usize, version: u64) {
+        let range = span(i);
+        if (i as u64 + version) % 3 == 0 {
+            for (k, b) in image[range].iter_mut().enumerate() {
+                *b = b"layer chain text "[(k + version as usize) % 17];
+            }
+        } else {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (i as u64) << 8 ^ version;
+            for b in &mut image[range] {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+        }
+    }
+
+    /// The three versions of memory: base, mid (changes some blocks of
+    /// base) and top (changes some of mid), and the blocks each changed.
+    struct Versions {
+        images: [Vec<u8>; 3],
+        changed: [Vec<usize>; 3],
+    }
+
+    fn versions() -> Versions {
+        let mut base = vec![0u8; LOW + HIGH_BLOCKS * 4096];
+        for i in 0..BLOCKS {
+            if ![0, 7, 15, 24].contains(&i) {
+                fill(&mut base, i, 0);
+            }
+        }
+        let mut mid = base.clone();
+        // 5 becomes zero over base data; 7 gets data where base had zero.
+        let mid_changed = vec![3, 5, 7, 12, 20, 22];
+        for &i in &mid_changed {
+            if i == 5 {
+                mid[span(i)].fill(0);
+            } else {
+                fill(&mut mid, i, 1);
+            }
+        }
+        let mut top = mid.clone();
+        // 10 becomes zero over base data, hinted zero (not read).
+        let top_changed = vec![0, 3, 10, 12, 23];
+        for &i in &top_changed {
+            if i == 10 {
+                top[span(i)].fill(0);
+            } else {
+                fill(&mut top, i, 2);
+            }
+        }
+        Versions {
+            images: [base, mid, top],
+            changed: [(0..BLOCKS).collect(), mid_changed, top_changed],
+        }
+    }
+
+    fn chain_options(parent_index_crc: Option<u32>) -> WriterOptions {
+        WriterOptions {
+            memory_block_size: 4096,
+            storage_block_size: 8192,
+            level: 1,
+            threads: 2,
+            parent_index_crc,
+        }
+    }
+
+    /// Writes version `v` to `path`, on top of `parent` (its index CRC)
+    /// when given, hinting unchanged blocks as in the parent and block 10
+    /// of the top as zero. Returns the stats and the blocks read.
+    fn write_version(
+        path: &Path,
+        versions: &Versions,
+        v: usize,
+        parent: Option<u32>,
+    ) -> (WriteStats, Vec<usize>) {
+        let image = &versions.images[v];
+        let changed = &versions.changed[v];
+        let source = HintedSource::new(
+            ImageSource::new(vec![(0, &image[..LOW]), (1 << 32, &image[LOW..])]),
+            |region, offset| {
+                let block = block_at(region, offset);
+                if v == 2 && block == 10 {
+                    BlockHint::Zero
+                } else if v == 0 || changed.contains(&block) {
+                    BlockHint::Read
+                } else {
+                    BlockHint::Parent
+                }
+            },
+        );
+        let stats = write_checkpoint(path, &source, &chain_options(parent), &mut |_, _| {})
+            .expect("writes");
+        let reads = source.reads.lock().expect("not poisoned");
+        let mut read: Vec<usize> = reads.iter().map(|&(r, o)| block_at(r, o)).collect();
+        read.sort_unstable();
+        (stats, read)
+    }
+
+    /// Files base, mid and top of [`versions`], each on the previous one.
+    struct Chain {
+        _dir: tempfile::TempDir,
+        versions: Versions,
+        paths: [PathBuf; 3],
+    }
+
+    impl Chain {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let versions = versions();
+            let paths = ["base", "mid", "top"].map(|n| dir.path().join(n));
+            write_version(&paths[0], &versions, 0, None);
+            let base_crc = Reader::open(&paths[0]).expect("opens").index_crc();
+            write_version(&paths[1], &versions, 1, Some(base_crc));
+            let mid_crc = Reader::open(&paths[1]).expect("opens").index_crc();
+            write_version(&paths[2], &versions, 2, Some(mid_crc));
+            Chain {
+                _dir: dir,
+                versions,
+                paths,
+            }
+        }
+
+        /// Newest first.
+        fn newest_first(&self) -> Vec<PathBuf> {
+            self.paths.iter().rev().cloned().collect()
+        }
+
+        fn open(&self, options: ReaderOptions) -> Reader {
+            Reader::open_chain(&self.newest_first(), options).expect("chain opens")
+        }
+
+        /// The resolved memory of block `i`.
+        fn expected(&self, i: usize) -> &[u8] {
+            &self.versions.images[2][span(i)]
+        }
+
+        /// The layer (0 = top) that holds block `i`.
+        fn expected_layer(&self, i: usize) -> usize {
+            if self.versions.changed[2].contains(&i) {
+                0
+            } else if self.versions.changed[1].contains(&i) {
+                1
+            } else {
+                2
+            }
+        }
+    }
+
+    #[test]
+    fn layered_write_records_hints_without_reading_those_blocks() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let versions = versions();
+        let base = dir.path().join("base");
+        let (base_stats, _) = write_version(&base, &versions, 0, None);
+        assert_eq!(base_stats.parent_blocks, 0);
+        let base_crc = Reader::open(&base).expect("opens").index_crc();
+        let mid = dir.path().join("mid");
+        let (stats, read) = write_version(&mid, &versions, 1, Some(base_crc));
+        assert_eq!(read, versions.changed[1]);
+        assert_eq!(stats.parent_blocks, (BLOCKS - 6) as u64);
+        assert_eq!(stats.zero_blocks, 1);
+        assert_eq!(stats.raw_blocks + stats.zstd_blocks, 5);
+        assert_eq!(stats.bytes_in, versions.images[1].len() as u64);
+
+        let alone = Reader::open(&mid).expect("a layer opens alone");
+        assert_eq!(alone.parent_index_crc(), Some(base_crc));
+        assert_eq!(alone.header().version_minor, 1);
+        let bytes = std::fs::read(&mid).expect("read");
+        assert_eq!(bytes[28..32], FLAG_PARENT.to_le_bytes());
+        assert_eq!(bytes[40..48], u64::from(base_crc).to_le_bytes());
+        let mut buf = vec![0u8; 4096];
+        for i in 0..BLOCKS {
+            let info = alone.block_info(i).expect("exists");
+            assert_eq!(info.layer, 0);
+            if versions.changed[1].contains(&i) {
+                assert_ne!(info.kind, BlockKind::Parent, "block {i}");
+                let got = alone.read_block(i, &mut buf).expect("reads its own block");
+                assert!(got == &versions.images[1][span(i)], "block {i}");
+            } else {
+                assert_eq!(info.kind, BlockKind::Parent, "block {i}");
+                let err = alone
+                    .read_block(i, &mut buf)
+                    .expect_err("parent not opened");
+                assert_eq!(
+                    err.to_string(),
+                    format!("block {i} is in the parent checkpoint, which was not opened")
+                );
+            }
+        }
+        assert!(matches!(
+            alone.verify(),
+            Err(ReadError::ReadParentBlock { .. })
+        ));
+        assert_eq!(alone.verify_layer().expect("own blocks sound"), 6);
+    }
+
+    #[test]
+    fn top_layer_zero_hint_is_not_read() {
+        let chain = Chain::new();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mid_crc = Reader::open(&chain.paths[1]).expect("opens").index_crc();
+        let (stats, read) = write_version(&dir.path().join("t"), &chain.versions, 2, Some(mid_crc));
+        assert_eq!(read, vec![0, 3, 12, 23]);
+        assert_eq!(stats.zero_blocks, 1);
+    }
+
+    #[test]
+    fn writer_refuses_a_parent_hint_without_a_parent() {
+        let image = vec![1u8; 4 * 4096];
+        let source = HintedSource::new(ImageSource::flat(&image), |_, offset| {
+            if offset == 2 * 4096 {
+                BlockHint::Parent
+            } else {
+                BlockHint::Read
+            }
+        });
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("c");
+        let err = write_checkpoint(&path, &source, &chain_options(None), &mut |_, _| {})
+            .expect_err("no parent");
+        assert!(matches!(err, WriteError::CheckHint { block: 2 }), "{err:?}");
+        assert!(
+            err.to_string().contains("parent_index_crc is None"),
+            "{err}"
+        );
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn chain_of_three_resolves_every_block_to_the_newest_layer() {
+        let chain = Chain::new();
+        for cached in [DEFAULT_CACHED_STORAGE_BLOCKS, 0] {
+            let reader = chain.open(ReaderOptions {
+                cached_storage_blocks: cached,
+                ..ReaderOptions::default()
+            });
+            assert_eq!(reader.chain_depth(), 3);
+            assert_eq!(reader.block_count(), BLOCKS);
+            let mut buf = vec![0xeeu8; 4096];
+            for i in (0..BLOCKS).rev() {
+                let info = reader.block_info(i).expect("exists");
+                assert_eq!(info.layer, chain.expected_layer(i), "block {i}");
+                assert_ne!(info.kind, BlockKind::Parent, "block {i}");
+                let got = reader.read_block(i, &mut buf).expect("reads");
+                assert!(got == chain.expected(i), "block {i}");
+            }
+            // A newer zero overrides older data, in the top and in the middle.
+            let top_zero = reader.block_info(10).expect("exists");
+            assert_eq!((top_zero.kind, top_zero.layer), (BlockKind::Zero, 0));
+            let mid_zero = reader.block_info(5).expect("exists");
+            assert_eq!((mid_zero.kind, mid_zero.layer), (BlockKind::Zero, 1));
+            assert_ne!(
+                chain.versions.images[0][span(5)],
+                chain.versions.images[2][span(5)]
+            );
+        }
+    }
+
+    #[test]
+    fn sequential_and_verify_deliver_each_chain_block_once() {
+        let chain = Chain::new();
+        let reader = chain.open(ReaderOptions::default());
+        let mut seq = reader.sequential();
+        let mut seen = 0;
+        while let Some(block) = seq.next_block() {
+            let (info, data) = block.expect("reads");
+            assert_eq!(info.index, seen);
+            assert!(data == chain.expected(seen), "block {seen}");
+            seen += 1;
+        }
+        assert_eq!(seen, BLOCKS);
+        let mut seq = reader.sequential_range(2..6);
+        let mut got = Vec::new();
+        while let Some(block) = seq.next_block() {
+            let (info, data) = block.expect("reads");
+            assert_eq!(data, chain.expected(info.index));
+            got.push(info.index);
+        }
+        assert_eq!(got, vec![2, 3, 4, 5]);
+        assert_eq!(reader.verify().expect("sound"), BLOCKS);
+    }
+
+    #[test]
+    fn read_all_parallel_delivers_each_chain_block_once() {
+        let chain = Chain::new();
+        let reader = chain.open(ReaderOptions::default());
+        for threads in [1, 3] {
+            let seen = Mutex::new(vec![0u32; BLOCKS]);
+            reader
+                .read_all_parallel(threads, &|info, data| {
+                    assert!(data == chain.expected(info.index), "block {}", info.index);
+                    assert_eq!(info.layer, chain.expected_layer(info.index));
+                    seen.lock().expect("not poisoned")[info.index] += 1;
+                    Ok(())
+                })
+                .expect("reads");
+            let seen = seen.into_inner().expect("not poisoned");
+            assert!(seen.iter().all(|&n| n == 1), "{seen:?}");
+        }
+    }
+
+    #[test]
+    fn chain_units_read_each_storage_block_of_each_layer_once() {
+        let chain = Chain::new();
+        let reader = chain.open(ReaderOptions::default());
+        let (order, units) = reader.chain_units();
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..BLOCKS).collect::<Vec<_>>());
+        let mut keys = Vec::new();
+        for unit in &units {
+            let infos: Vec<BlockInfo> = order[unit.clone()]
+                .iter()
+                .map(|&i| reader.block_info(i).expect("exists"))
+                .collect();
+            if infos[0].kind != BlockKind::Zero {
+                let key = (infos[0].layer, infos[0].storage_block);
+                assert!(infos.iter().all(|b| (b.layer, b.storage_block) == key));
+                keys.push(key);
+            }
+        }
+        let count = keys.len();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), count, "a storage block is split across units");
+    }
+
+    #[test]
+    fn open_chain_refuses_a_parent_with_another_index_crc() {
+        let chain = Chain::new();
+        let paths = vec![chain.paths[2].clone(), chain.paths[0].clone()];
+        let err = Reader::open_chain(&paths, ReaderOptions::default()).expect_err("wrong parent");
+        assert!(matches!(err, ReadError::CheckParentCrc { .. }), "{err:?}");
+        let text = err.to_string();
+        for needed in [
+            chain.paths[2].to_str().expect("utf-8"),
+            chain.paths[0].to_str().expect("utf-8"),
+            "it is not that parent, or it changed",
+        ] {
+            assert!(text.contains(needed), "{text}");
+        }
+    }
+
+    #[test]
+    fn open_chain_refuses_a_parent_that_changed() {
+        let chain = Chain::new();
+        // Rewrite the base with other content: same geometry, new index.
+        let mut other = chain.versions.images[0].clone();
+        fill(&mut other, 1, 9);
+        let source = ImageSource::new(vec![(0, &other[..LOW]), (1 << 32, &other[LOW..])]);
+        write_checkpoint(
+            &chain.paths[0],
+            &source,
+            &chain_options(None),
+            &mut |_, _| {},
+        )
+        .expect("rewrites");
+        let err = Reader::open_chain(&chain.newest_first(), ReaderOptions::default())
+            .expect_err("base changed");
+        assert!(matches!(err, ReadError::CheckParentCrc { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn open_chain_refuses_a_parent_with_other_geometry() {
+        let chain = Chain::new();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let image = &chain.versions.images[0];
+        let big_blocks = dir.path().join("big");
+        let options = WriterOptions {
+            memory_block_size: 8192,
+            ..chain_options(None)
+        };
+        let source = ImageSource::new(vec![(0, &image[..LOW]), (1 << 32, &image[LOW..])]);
+        write_checkpoint(&big_blocks, &source, &options, &mut |_, _| {}).expect("writes");
+        let one_region = dir.path().join("flat");
+        write_checkpoint(
+            &one_region,
+            &ImageSource::flat(image),
+            &chain_options(None),
+            &mut |_, _| {},
+        )
+        .expect("writes");
+        for (parent, reason) in [
+            (&big_blocks, "memory block sizes differ"),
+            (&one_region, "memory regions differ"),
+        ] {
+            let paths = vec![chain.paths[1].clone(), parent.clone()];
+            let err =
+                Reader::open_chain(&paths, ReaderOptions::default()).expect_err("other geometry");
+            assert!(
+                matches!(err, ReadError::CheckChainGeometry { .. }),
+                "{err:?}"
+            );
+            let text = err.to_string();
+            assert!(text.contains(reason), "{text}");
+            assert!(text.contains(parent.to_str().expect("utf-8")), "{text}");
+            assert!(
+                text.contains(chain.paths[1].to_str().expect("utf-8")),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn open_chain_refuses_a_layered_bottom_and_a_plain_file_on_top() {
+        let chain = Chain::new();
+        let paths = vec![chain.paths[2].clone(), chain.paths[1].clone()];
+        let err = Reader::open_chain(&paths, ReaderOptions::default()).expect_err("no base");
+        assert!(matches!(err, ReadError::CheckChainBottom { .. }), "{err:?}");
+        assert!(err.to_string().contains("no parent was given after it"));
+        let paths = vec![chain.paths[0].clone(), chain.paths[0].clone()];
+        let err = Reader::open_chain(&paths, ReaderOptions::default()).expect_err("plain on top");
+        assert!(matches!(err, ReadError::CheckLayered { .. }), "{err:?}");
+        assert!(matches!(
+            Reader::open_chain(&[], ReaderOptions::default()),
+            Err(ReadError::CheckChainEmpty)
+        ));
+    }
+
+    #[test]
+    fn attach_parent_builds_a_chain_and_refuses_a_second_parent() {
+        let chain = Chain::new();
+        let base = Arc::new(Reader::open(&chain.paths[0]).expect("opens"));
+        let mid = Reader::open(&chain.paths[1])
+            .expect("opens")
+            .attach_parent(Arc::clone(&base))
+            .expect("mid sits on base");
+        let mid = Arc::new(mid);
+        let top = Reader::open(&chain.paths[2])
+            .expect("opens")
+            .attach_parent(Arc::clone(&mid))
+            .expect("top sits on mid");
+        assert_eq!(top.verify().expect("sound"), BLOCKS);
+        let err = top.attach_parent(mid).expect_err("has a parent");
+        assert!(matches!(err, ReadError::CheckAttached { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_middle_layer_without_its_parent_names_the_layer() {
+        let chain = Chain::new();
+        let mid = Arc::new(Reader::open(&chain.paths[1]).expect("opens"));
+        let top = Reader::open(&chain.paths[2])
+            .expect("opens")
+            .attach_parent(mid)
+            .expect("top sits on mid");
+        let mut buf = vec![0u8; 4096];
+        // Block 1 is in the base, which was not opened.
+        let info = top.block_info(1).expect("exists");
+        assert_eq!((info.kind, info.layer), (BlockKind::Parent, 1));
+        let err = top.read_block(1, &mut buf).expect_err("base missing");
+        assert!(
+            matches!(err, ReadError::ReadLayer { layer: 1, .. }),
+            "{err:?}"
+        );
+        assert!(top.read_block(3, &mut buf).is_ok());
+        let summary = top.summary();
+        assert_eq!(summary.chain_depth, 2);
+        assert_eq!(
+            summary.unresolved_blocks,
+            (0..BLOCKS)
+                .filter(|&i| chain.expected_layer(i) == 2)
+                .count()
+        );
+    }
+
+    #[test]
+    fn summary_counts_parent_blocks_and_what_each_layer_supplies() {
+        let chain = Chain::new();
+        let reader = chain.open(ReaderOptions::default());
+        let summary = reader.summary();
+        assert_eq!(summary.version, "1.1");
+        assert_eq!(summary.parent_blocks, BLOCKS - 5);
+        assert_eq!(summary.chain_depth, 3);
+        let mid_crc = Reader::open(&chain.paths[1]).expect("opens").index_crc();
+        assert_eq!(summary.parent_index_crc, Some(mid_crc));
+        assert_eq!(summary.chain[1].index_crc, mid_crc);
+        let supplied: Vec<usize> = summary.chain.iter().map(|l| l.blocks).collect();
+        let expected: Vec<usize> = (0..3)
+            .map(|l| {
+                (0..BLOCKS)
+                    .filter(|&i| chain.expected_layer(i) == l)
+                    .count()
+            })
+            .collect();
+        assert_eq!(supplied, expected);
+        assert_eq!(summary.unresolved_blocks, 0);
+    }
+
+    #[test]
+    fn flatten_writes_the_resolved_memory_as_one_plain_file() {
+        let chain = Chain::new();
+        let reader = chain.open(ReaderOptions::default());
+        let out = chain.paths[0].with_file_name("flat");
+        let stats =
+            flatten(&reader, &out, &WriterOptions::default(), &mut |_, _| {}).expect("flattens");
+        assert_eq!(stats.parent_blocks, 0);
+        assert_eq!(stats.bytes_in, chain.versions.images[2].len() as u64);
+        let flat = Reader::open(&out).expect("opens");
+        assert_eq!(flat.parent_index_crc(), None);
+        assert_eq!(flat.summary().version, "1.0");
+        assert_eq!(flat.header().memory_block_size, 4096);
+        assert_eq!(flat.header().regions, reader.header().regions);
+        let mut buf = vec![0u8; 4096];
+        for i in 0..BLOCKS {
+            let got = flat.read_block(i, &mut buf).expect("reads");
+            assert!(got == chain.expected(i), "block {i}");
+        }
+        let zeros = (0..BLOCKS)
+            .filter(|&i| chain.expected(i).iter().all(|&b| b == 0))
+            .count();
+        assert_eq!(stats.zero_blocks, zeros as u64);
+    }
+
+    #[test]
+    fn flatten_refuses_a_layer_whose_parent_was_not_opened() {
+        let chain = Chain::new();
+        let alone = Reader::open(&chain.paths[2]).expect("opens");
+        let out = chain.paths[0].with_file_name("flat");
+        let err = flatten(&alone, &out, &WriterOptions::default(), &mut |_, _| {})
+            .expect_err("incomplete chain");
+        assert!(matches!(err, WriteError::CheckChain { .. }), "{err:?}");
+        assert!(!out.exists());
+    }
+
+    #[test]
+    fn try_clone_reads_the_chain_without_reopening_its_paths() {
+        let chain = Chain::new();
+        let reader = chain.open(ReaderOptions::default());
+        let mut buf = vec![0u8; 4096];
+        reader.read_block(1, &mut buf).expect("warms the cache");
+        for path in &chain.paths {
+            std::fs::remove_file(path).expect("remove");
+        }
+        let clone = reader.try_clone().expect("clones");
+        drop(reader);
+        assert_eq!(clone.chain_depth(), 3);
+        for i in 0..BLOCKS {
+            let got = clone.read_block(i, &mut buf).expect("reads");
+            assert!(got == chain.expected(i), "block {i}");
+        }
+        assert_eq!(clone.verify().expect("sound"), BLOCKS);
+    }
+
+    #[test]
+    fn try_clone_has_its_own_cache() {
+        let chain = Chain::new();
+        let reader = chain.open(ReaderOptions::default());
+        let mut buf = vec![0u8; 4096];
+        reader.read_block(1, &mut buf).expect("reads");
+        let clone = reader.try_clone().expect("clones");
+        let slots = |r: &Reader| r.cache.lock().expect("not poisoned").slots.len();
+        // Block 1 is in the base, layer 2.
+        assert_eq!(slots(reader.layers()[2]), 1);
+        assert_eq!(slots(clone.layers()[2]), 0);
+        let parent = |r: &Reader| Arc::clone(r.parent().expect("has a parent"));
+        assert!(!Arc::ptr_eq(&parent(&reader), &parent(&clone)));
+        assert!(!std::ptr::eq(&reader.cache, &clone.cache));
+    }
+
+    #[test]
+    fn plain_files_are_still_written_and_read_as_1_0() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (path, low, high) = write_sample(dir.path(), &small());
+        let bytes = std::fs::read(&path).expect("read");
+        assert_eq!(bytes[10..12], [0, 0]);
+        assert_eq!(bytes[28..32], [0, 0, 0, 0]);
+        assert_eq!(bytes[40..48], [0; 8]);
+        let reader = Reader::open_chain(&[path], ReaderOptions::default()).expect("opens");
+        assert_eq!(reader.chain_depth(), 1);
+        assert_eq!(reader.parent_index_crc(), None);
+        let mut buf = vec![0u8; 4096];
+        for i in 0..reader.block_count() {
+            let info = reader.block_info(i).expect("exists");
+            assert_eq!(info.layer, 0);
+            let got = reader.read_block(i, &mut buf).expect("reads");
+            assert_eq!(got, expected_block(&low, &high, &info));
+        }
+    }
+
+    /// Sets block `block`'s kind byte in the file at `path` and makes its
+    /// index and footer checksums agree again.
+    fn patch_block_kind(path: &Path, block: usize, kind: u8) {
+        use crate::checkpoint::format::{BLOCK_ENTRY_LEN, STORAGE_ENTRY_LEN};
+        let mut bytes = std::fs::read(path).expect("read");
+        let foot = bytes.len() - FOOTER_LEN;
+        let le64 = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
+        let index_offset = le64(&bytes, foot + 8) as usize;
+        let storage_blocks = le64(&bytes, foot + 24) as usize;
+        let entry = index_offset + storage_blocks * STORAGE_ENTRY_LEN + block * BLOCK_ENTRY_LEN;
+        bytes[entry] = kind;
+        bytes[entry + 4..entry + BLOCK_ENTRY_LEN].fill(0);
+        let index_crc = crc32c::crc32c(&bytes[index_offset..foot]);
+        bytes[foot + 44..foot + 48].copy_from_slice(&index_crc.to_le_bytes());
+        let footer_crc = crc32c::crc32c(&bytes[foot..foot + FOOTER_LEN - 4]);
+        bytes[foot + FOOTER_LEN - 4..].copy_from_slice(&footer_crc.to_le_bytes());
+        std::fs::write(path, bytes).expect("write");
+    }
+
+    #[test]
+    fn a_parent_block_in_a_plain_file_is_refused_at_open() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (path, ..) = write_sample(dir.path(), &small());
+        // Block 0 is a zero block: only its kind changes.
+        patch_block_kind(&path, 0, BlockKind::Parent.to_byte());
+        let err = Reader::open(&path).expect_err("parent block without the flag");
+        let text = anyhow_like(&err);
+        assert!(text.contains("bad index entry for block 0"), "{text}");
+        assert!(text.contains("does not mark the file as layered"), "{text}");
+    }
+
+    /// The error and its sources, joined.
+    fn anyhow_like(err: &dyn std::error::Error) -> String {
+        let mut text = err.to_string();
+        let mut source = err.source();
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        text
     }
 }

@@ -5,6 +5,12 @@
 //! or copied into the caller's scratch buffer when it must (guest memory
 //! that vm-memory only lets us read through volatile copies, or a file).
 //! Sources are shared by the writer's compression threads, hence `Sync`.
+//!
+//! A source may also *hint* that a block need not be read: it is known to
+//! be all zero (memory the guest never touched), or unchanged since the
+//! parent checkpoint, so a layered checkpoint records it as in the parent.
+//! [`ReaderSource`] serves the memory an open checkpoint (or chain) holds,
+//! which is how a chain is flattened into one file.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -12,7 +18,8 @@ use std::path::{Path, PathBuf};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use super::format::Region;
+use super::format::{BlockKind, Region};
+use super::reader::{ReadError, Reader};
 
 /// Errors of memory sources.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +55,27 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
+    /// Reading a block of a checkpoint (or chain) failed.
+    #[error("cannot read block {block} of checkpoint {path}")]
+    ReadCheckpoint {
+        block: usize,
+        path: PathBuf,
+        #[source]
+        source: ReadError,
+    },
+}
+
+/// What the writer should do with one memory block, as its source says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockHint {
+    /// Read it with [`MemorySource::block`] and store what it holds.
+    Read,
+    /// It is all zero: record a zero block without reading it.
+    Zero,
+    /// It has not changed since the parent checkpoint: record a parent
+    /// block without reading it. Only for a layered write (one with
+    /// `WriterOptions::parent_index_crc`); otherwise the write fails.
+    Parent,
 }
 
 /// Guest memory to checkpoint.
@@ -65,6 +93,15 @@ pub trait MemorySource: Sync {
         len: usize,
         scratch: &'a mut Vec<u8>,
     ) -> Result<&'a [u8], SourceError>;
+
+    /// Whether the writer must read bytes `offset .. offset + len` of
+    /// region `region` (one memory block) or may record them as zero or as
+    /// in the parent without reading. Called before [`MemorySource::block`]
+    /// for every block; the default reads everything.
+    fn hint(&self, region: usize, offset: u64, len: usize) -> BlockHint {
+        let _ = (region, offset, len);
+        BlockHint::Read
+    }
 }
 
 /// Checks that `offset .. offset + len` lies in a region of `size` bytes.
@@ -209,6 +246,126 @@ impl MemorySource for FileSource {
     }
 }
 
+/// The memory an open checkpoint holds, resolved through its chain when
+/// it has parents: the source [`flatten`](super::writer::flatten) writes
+/// from. Its regions are the checkpoint's; any range inside them can be
+/// read, though ranges that are exactly one of the checkpoint's memory
+/// blocks are the fast path. Blocks the chain resolves to zero are hinted
+/// [`BlockHint::Zero`]; blocks in a parent that was not opened are hinted
+/// [`BlockHint::Parent`] (and fail to read).
+#[derive(Debug)]
+pub struct ReaderSource<'r> {
+    reader: &'r Reader,
+}
+
+impl<'r> ReaderSource<'r> {
+    /// A source over `reader` (a single file or the newest layer of a chain).
+    pub fn new(reader: &'r Reader) -> Self {
+        ReaderSource { reader }
+    }
+
+    /// The checkpoint's blocks covering `offset .. offset + len` of region
+    /// `region`, or why the range is not inside it.
+    fn blocks(
+        &self,
+        region: usize,
+        offset: u64,
+        len: usize,
+    ) -> Result<std::ops::RangeInclusive<usize>, SourceError> {
+        let out_of_range = || SourceError::CheckRange {
+            region,
+            offset,
+            end: offset.saturating_add(len as u64),
+        };
+        let r = self
+            .reader
+            .header()
+            .regions
+            .get(region)
+            .ok_or_else(out_of_range)?;
+        check_range(region, r.size, offset, len)?;
+        if len == 0 {
+            return Err(out_of_range());
+        }
+        let first = self.reader.block_of(r.guest_addr + offset);
+        let last = self.reader.block_of(r.guest_addr + offset + len as u64 - 1);
+        match (first, last) {
+            (Some(first), Some(last)) => Ok(first..=last),
+            _ => Err(out_of_range()),
+        }
+    }
+
+    fn read_error(&self, block: usize, source: ReadError) -> SourceError {
+        SourceError::ReadCheckpoint {
+            block,
+            path: self.reader.path().to_path_buf(),
+            source,
+        }
+    }
+}
+
+impl MemorySource for ReaderSource<'_> {
+    fn regions(&self) -> Vec<Region> {
+        self.reader.header().regions.clone()
+    }
+
+    fn block<'a>(
+        &'a self,
+        region: usize,
+        offset: u64,
+        len: usize,
+        scratch: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8], SourceError> {
+        let blocks = self.blocks(region, offset, len)?;
+        let base = self.reader.header().regions[region].guest_addr + offset;
+        scratch.resize(len, 0);
+        if blocks.start() == blocks.end() {
+            let i = *blocks.start();
+            let info = self.reader.block_info(i).expect("block_of gave a block");
+            if info.guest_addr == base && info.len == len {
+                self.reader
+                    .read_block(i, &mut scratch[..len])
+                    .map_err(|e| self.read_error(i, e))?;
+                return Ok(&scratch[..len]);
+            }
+        }
+        // A range that is not one whole block: copy the overlapping part
+        // of every block it touches.
+        let mut buf = vec![0u8; self.reader.header().memory_block_size as usize];
+        for i in blocks {
+            let data = self
+                .reader
+                .read_block(i, &mut buf)
+                .map_err(|e| self.read_error(i, e))?;
+            let start = self.reader.block_info(i).expect("block exists").guest_addr;
+            let from = base.max(start);
+            let to = (base + len as u64).min(start + data.len() as u64);
+            scratch[(from - base) as usize..(to - base) as usize]
+                .copy_from_slice(&data[(from - start) as usize..(to - start) as usize]);
+        }
+        Ok(&scratch[..len])
+    }
+
+    fn hint(&self, region: usize, offset: u64, len: usize) -> BlockHint {
+        let Ok(blocks) = self.blocks(region, offset, len) else {
+            // `block` will report the bad range.
+            return BlockHint::Read;
+        };
+        let kinds = || {
+            blocks
+                .clone()
+                .filter_map(|i| self.reader.block_info(i).map(|b| b.kind))
+        };
+        if kinds().all(|k| k == BlockKind::Zero) {
+            BlockHint::Zero
+        } else if kinds().all(|k| k == BlockKind::Parent) {
+            BlockHint::Parent
+        } else {
+            BlockHint::Read
+        }
+    }
+}
+
 /// Guest memory of a VM. vm-memory only reads it through volatile copies
 /// (a vCPU may be writing it), so every block is copied into the scratch
 /// buffer. Pause the VM first for a consistent checkpoint.
@@ -240,6 +397,53 @@ impl MemorySource for GuestMemoryMmap {
         self.read_slice(&mut scratch[..len], GuestAddress(addr))
             .map_err(|source| SourceError::ReadGuestMemory { addr, source })?;
         Ok(&scratch[..len])
+    }
+}
+
+/// A byte image whose blocks carry hints, recording which blocks the
+/// writer read: for tests of layered writes.
+#[cfg(test)]
+pub(crate) struct HintedSource<'m> {
+    pub image: ImageSource<'m>,
+    /// The hint for (region, offset).
+    pub hint: Box<dyn Fn(usize, u64) -> BlockHint + Sync + 'm>,
+    /// (region, offset) of every block read.
+    pub reads: std::sync::Mutex<Vec<(usize, u64)>>,
+}
+
+#[cfg(test)]
+impl<'m> HintedSource<'m> {
+    pub fn new(image: ImageSource<'m>, hint: impl Fn(usize, u64) -> BlockHint + Sync + 'm) -> Self {
+        HintedSource {
+            image,
+            hint: Box::new(hint),
+            reads: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+}
+
+#[cfg(test)]
+impl MemorySource for HintedSource<'_> {
+    fn regions(&self) -> Vec<Region> {
+        self.image.regions()
+    }
+
+    fn block<'a>(
+        &'a self,
+        region: usize,
+        offset: u64,
+        len: usize,
+        scratch: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8], SourceError> {
+        self.reads
+            .lock()
+            .expect("not poisoned")
+            .push((region, offset));
+        self.image.block(region, offset, len, scratch)
+    }
+
+    fn hint(&self, region: usize, offset: u64, _len: usize) -> BlockHint {
+        (self.hint)(region, offset)
     }
 }
 
@@ -328,5 +532,40 @@ mod tests {
         let mut scratch = Vec::new();
         let got = mem.block(1, 0x10, 4, &mut scratch).expect("in range");
         assert_eq!(got, &[1, 2, 3, 0]);
+    }
+    #[test]
+    fn reader_source_serves_whole_blocks_unaligned_ranges_and_zero_hints() {
+        use crate::checkpoint::writer::{write_checkpoint, WriterOptions};
+        let mut image = vec![0u8; 6 * 4096 + 50];
+        for (i, b) in image[4096..3 * 4096].iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        image[6 * 4096 + 10] = 7;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("c");
+        let options = WriterOptions {
+            memory_block_size: 4096,
+            storage_block_size: 8192,
+            ..WriterOptions::default()
+        };
+        write_checkpoint(&path, &ImageSource::flat(&image), &options, &mut |_, _| {})
+            .expect("writes");
+        let reader = Reader::open(&path).expect("opens");
+        let src = ReaderSource::new(&reader);
+        assert_eq!(src.regions(), ImageSource::flat(&image).regions());
+        let mut scratch = Vec::new();
+        let got = src.block(0, 4096, 4096, &mut scratch).expect("whole block");
+        assert_eq!(got, &image[4096..8192]);
+        let got = src.block(0, 100, 9000, &mut scratch).expect("three blocks");
+        assert_eq!(got, &image[100..9100]);
+        let got = src
+            .block(0, 6 * 4096, 50, &mut scratch)
+            .expect("short tail");
+        assert_eq!(got, &image[6 * 4096..]);
+        assert!(src.block(0, 6 * 4096, 51, &mut scratch).is_err());
+        assert!(src.block(1, 0, 1, &mut scratch).is_err());
+        assert_eq!(src.hint(0, 0, 4096), BlockHint::Zero);
+        assert_eq!(src.hint(0, 3 * 4096, 3 * 4096), BlockHint::Zero);
+        assert_eq!(src.hint(0, 2 * 4096, 2 * 4096), BlockHint::Read);
     }
 }

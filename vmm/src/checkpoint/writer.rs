@@ -20,6 +20,11 @@
 //! target, and the directory is synced. A write interrupted at any point
 //! leaves either the old target or no target, plus at worst a stray
 //! `.NAME.*.tmp` file that has no footer and so never opens as a checkpoint.
+//!
+//! Layers: with [`WriterOptions::parent_index_crc`] the file is written as
+//! a layer on top of that parent, and blocks the source hints as
+//! [`BlockHint::Parent`] are recorded as in the parent without being read.
+//! [`flatten`] merges a chain of layers back into one plain file.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -34,7 +39,8 @@ use super::format::{
     align_up, valid_memory_block_size, valid_storage_block_size, BlockEntry, BlockKind, BlockMap,
     Footer, FormatError, Header, StorageEntry, BLOCK_ENTRY_LEN, STORAGE_ENTRY_LEN,
 };
-use super::source::{MemorySource, SourceError};
+use super::reader::Reader;
+use super::source::{BlockHint, MemorySource, ReaderSource, SourceError};
 
 /// Default memory block size: 64 KiB. In the benchmark (see
 /// docs/checkpoint-format.md) it wrote fastest, within 1% of the best file
@@ -79,6 +85,14 @@ pub enum WriteError {
     /// Writing the header failed.
     #[error("cannot write the header")]
     WriteHeader(#[source] std::io::Error),
+    /// The source hinted a parent block, but the write has no parent.
+    #[error("the source says memory block {block} is in the parent checkpoint, but the write names no parent (WriterOptions::parent_index_crc is None)")]
+    CheckHint { block: usize },
+    /// A chain to flatten ends in a layer whose parent was not opened.
+    #[error(
+        "cannot flatten {path}: it is a layer on top of a parent checkpoint that was not opened"
+    )]
+    CheckChain { path: PathBuf },
     /// Reading a memory block from the source failed.
     #[error("cannot read memory block {block}")]
     ReadSource {
@@ -148,6 +162,11 @@ pub struct WriterOptions {
     /// Compression threads; 0 means one per available core. At most
     /// [`MAX_THREADS`].
     pub threads: usize,
+    /// Write a layer on top of the checkpoint whose index CRC this is
+    /// ([`Reader::index_crc`]): the file is then 1.1 with the layered flag,
+    /// and blocks the source hints [`BlockHint::Parent`] are recorded as in
+    /// the parent. `None` writes a plain, self-contained 1.0 file.
+    pub parent_index_crc: Option<u32>,
 }
 
 impl Default for WriterOptions {
@@ -157,6 +176,7 @@ impl Default for WriterOptions {
             storage_block_size: DEFAULT_STORAGE_BLOCK_SIZE,
             level: DEFAULT_LEVEL,
             threads: 0,
+            parent_index_crc: None,
         }
     }
 }
@@ -170,9 +190,12 @@ pub struct WriteStats {
     pub raw_blocks: u64,
     /// Memory blocks stored zstd-compressed.
     pub zstd_blocks: u64,
+    /// Memory blocks recorded as in the parent checkpoint.
+    pub parent_blocks: u64,
     /// Storage blocks written.
     pub storage_blocks: u64,
-    /// Guest memory bytes read.
+    /// Guest memory bytes the checkpoint covers: every block's length,
+    /// whether it was read, hinted zero or hinted in the parent.
     pub bytes_in: u64,
     /// Bytes of stored (compressed or raw) blocks, padding excluded.
     pub bytes_stored: u64,
@@ -204,6 +227,8 @@ struct Schedule {
 struct Shared<'s> {
     source: &'s dyn MemorySource,
     map: &'s BlockMap,
+    /// Whether parent hints may be recorded.
+    layered: bool,
     level: i32,
     blocks_per_batch: usize,
     batches: usize,
@@ -283,6 +308,20 @@ fn compress_batch(
     let mut bytes_in = 0u64;
     for block in first_block..end_block {
         let (region, offset, len) = shared.map.locate(block);
+        match shared.source.hint(region, offset, len) {
+            BlockHint::Read => {}
+            BlockHint::Zero => {
+                bytes_in += len as u64;
+                blocks.push((BlockKind::Zero, 0, 0));
+                continue;
+            }
+            BlockHint::Parent if shared.layered => {
+                bytes_in += len as u64;
+                blocks.push((BlockKind::Parent, 0, 0));
+                continue;
+            }
+            BlockHint::Parent => return Err(WriteError::CheckHint { block }),
+        }
         let bytes = shared
             .source
             .block(region, offset, len, scratch)
@@ -428,6 +467,7 @@ fn write_data(
     let shared = Shared {
         source,
         map,
+        layered: header.is_layered(),
         level: options.level,
         blocks_per_batch,
         batches: block_count.div_ceil(blocks_per_batch),
@@ -533,6 +573,10 @@ fn place_batches(
                 BlockKind::Zero => {
                     stats.zero_blocks += 1;
                     BlockEntry::ZERO
+                }
+                BlockKind::Parent => {
+                    stats.parent_blocks += 1;
+                    BlockEntry::PARENT
                 }
                 BlockKind::Raw | BlockKind::Zstd => {
                     let len = stored_len as usize;
@@ -685,10 +729,11 @@ pub fn write_checkpoint(
             ),
         });
     }
-    let header = Header::new(
+    let header = Header::new_layered(
         options.memory_block_size,
         options.storage_block_size,
         source.regions(),
+        options.parent_index_crc,
     )
     .map_err(WriteError::BuildHeader)?;
     let map = BlockMap::new(&header.regions, header.memory_block_size);
@@ -741,6 +786,40 @@ pub fn write_checkpoint(
     Ok(stats)
 }
 
+/// Writes the memory `chain` resolves to (a checkpoint, or the newest
+/// layer of a chain opened with [`Reader::open_chain`]) into `out` as one
+/// plain, self-contained checkpoint with the same regions and memory block
+/// size.
+///
+/// From `options` only the storage block size (raised to the memory block
+/// size when smaller), the level and the threads are used: the memory
+/// block size is the chain's and the output has no parent. Blocks the
+/// chain resolves to zero are not read. `out` may name one of the chain's
+/// files: the new file replaces it only once complete, and the chain reads
+/// through descriptors it already holds.
+pub fn flatten(
+    chain: &Reader,
+    out: &Path,
+    options: &WriterOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<WriteStats, WriteError> {
+    if let Some(layer) = chain.layers().last() {
+        if layer.header().is_layered() {
+            return Err(WriteError::CheckChain {
+                path: layer.path().to_path_buf(),
+            });
+        }
+    }
+    let memory_block_size = chain.header().memory_block_size;
+    let options = WriterOptions {
+        memory_block_size,
+        storage_block_size: options.storage_block_size.max(memory_block_size),
+        parent_index_crc: None,
+        ..*options
+    };
+    write_checkpoint(out, &ReaderSource::new(chain), &options, progress)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -765,8 +844,13 @@ mod tests {
 
     /// Writes `image` to `path` with [`small_options`].
     fn write_small(path: &Path, image: &[u8]) -> WriteStats {
-        write_checkpoint(path, &ImageSource::flat(image), &small_options(), &mut |_, _| {})
-            .expect("writes")
+        write_checkpoint(
+            path,
+            &ImageSource::flat(image),
+            &small_options(),
+            &mut |_, _| {},
+        )
+        .expect("writes")
     }
 
     fn small_options() -> WriterOptions {
@@ -775,6 +859,7 @@ mod tests {
             storage_block_size: 16384,
             level: 1,
             threads: 2,
+            parent_index_crc: None,
         }
     }
 
