@@ -596,9 +596,9 @@ impl Reader {
 
     /// An independent reader of the same open files, its parents included:
     /// the descriptors are duplicated (no path is opened again) and the
-    /// clone gets its own caches and locks, so it may be used in a child
-    /// process after `fork()` whatever the original was doing. The index is
-    /// shared, read-only.
+    /// clone gets its own caches and locks, so a clone made before `fork()`
+    /// holds no lock that a thread of the parent process could have held.
+    /// The decoded index is shared, read-only.
     pub fn try_clone(&self) -> Result<Self, ReadError> {
         let clone_err = |source| ReadError::CloneFile {
             path: self.path.clone(),
@@ -898,6 +898,9 @@ impl Reader {
         self.sequential_of(Blocks::Range(range.start..end), true)
     }
 
+    /// A sequential reader of `blocks`, resolved through the chain when
+    /// `resolve` is set, otherwise from this file alone (parent blocks then
+    /// fail to read).
     fn sequential_of<'r>(&'r self, blocks: Blocks<'r>, resolve: bool) -> Sequential<'r> {
         let layers = if resolve { self.layers() } else { vec![self] };
         let block_size = self.header.memory_block_size as usize;

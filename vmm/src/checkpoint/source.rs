@@ -337,7 +337,11 @@ impl MemorySource for ReaderSource<'_> {
                 .reader
                 .read_block(i, &mut buf)
                 .map_err(|e| self.read_error(i, e))?;
-            let start = self.reader.block_info(i).expect("block exists").guest_addr;
+            let start = self
+                .reader
+                .block_info(i)
+                .expect("block_of gave a block")
+                .guest_addr;
             let from = base.max(start);
             let to = (base + len as u64).min(start + data.len() as u64);
             scratch[(from - base) as usize..(to - base) as usize]
