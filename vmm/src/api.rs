@@ -161,6 +161,12 @@ pub enum ApiRequest {
         out: PathBuf,
         /// What to do once it is written.
         then: AfterSnapshot,
+        /// For an incremental snapshot: the VM's latest snapshot, which it
+        /// builds on (an absolute path).
+        parent: Option<PathBuf>,
+        /// Keep the vCPUs paused while memory is written (always so with
+        /// `then: exit`); otherwise the guest runs on while it is written.
+        stop_the_world: bool,
     },
 }
 
@@ -689,7 +695,20 @@ fn parse_request(line: &[u8]) -> Result<ApiRequest, String> {
                 Some(Value::String(then)) if then == "exit" => AfterSnapshot::Exit,
                 Some(_) => return Err(r#"the "then" field must be "resume" or "exit""#.to_owned()),
             };
-            ApiRequest::Snapshot { out, then }
+            let parent = match fields.remove("parent") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(p)) if Path::new(&p).is_absolute() => Some(PathBuf::from(p)),
+                Some(Value::String(p)) => {
+                    return Err(format!(r#"the "parent" directory must be an absolute path, not {p:?}"#))
+                }
+                Some(_) => return Err(r#"the "parent" field must be a string naming a snapshot directory"#.to_owned()),
+            };
+            let stop_the_world = match fields.remove("stop_the_world") {
+                None => false,
+                Some(Value::Bool(b)) => b,
+                Some(_) => return Err(r#"the "stop_the_world" field must be true or false"#.to_owned()),
+            };
+            ApiRequest::Snapshot { out, then, parent, stop_the_world }
         }
         other => return Err(format!("unknown op {other:?}: expected pause, resume, status or snapshot")),
     };
@@ -706,20 +725,30 @@ fn request_json(request: &ApiRequest) -> Result<Value, ApiError> {
         ApiRequest::Pause => "pause",
         ApiRequest::Resume => "resume",
         ApiRequest::Status => "status",
-        ApiRequest::Snapshot { out, then } => {
-            let out = if out.is_absolute() {
-                out.clone()
-            } else {
-                std::env::current_dir().map_err(|e| ApiError::ResolvePath(out.clone(), e))?.join(out)
-            };
-            let out = out.to_str().ok_or_else(|| ApiError::NonUtf8Path(out.clone()))?;
-            fields.insert("out".to_owned(), Value::String(out.to_owned()));
+        ApiRequest::Snapshot { out, then, parent, stop_the_world } => {
+            fields.insert("out".to_owned(), Value::String(absolute_utf8(out)?));
             fields.insert("then".to_owned(), Value::String(then.as_str().to_owned()));
+            if let Some(parent) = parent {
+                fields.insert("parent".to_owned(), Value::String(absolute_utf8(parent)?));
+            }
+            if *stop_the_world {
+                fields.insert("stop_the_world".to_owned(), Value::Bool(true));
+            }
             "snapshot"
         }
     };
     fields.insert("op".to_owned(), Value::String(op.to_owned()));
     Ok(Value::Object(fields))
+}
+
+/// `path` made absolute against this process's working directory, as text.
+fn absolute_utf8(path: &Path) -> Result<String, ApiError> {
+    let path = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().map_err(|e| ApiError::ResolvePath(path.to_path_buf(), e))?.join(path)
+    };
+    path.to_str().map(str::to_owned).ok_or(ApiError::NonUtf8Path(path.clone()))
 }
 
 /// Client side, for `stasis pause|resume|snapshot --api-sock PATH`: connects,
@@ -916,7 +945,7 @@ mod tests {
     fn snapshot_round_trips_with_out_and_then() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (server, vmm) = echo_server(&dir);
-        let request = ApiRequest::Snapshot { out: PathBuf::from("/var/snap/one"), then: AfterSnapshot::Exit };
+        let request = ApiRequest::Snapshot { out: PathBuf::from("/var/snap/one"), then: AfterSnapshot::Exit, parent: None, stop_the_world: false };
         let reply = send_request(server.path(), &request).expect("snapshot");
         assert_eq!(reply, fields(&[("did", Value::from("snapshot"))]));
         assert_eq!(stop(server, vmm), vec![request]);
@@ -953,18 +982,47 @@ mod tests {
         let reply = client.ask(r#"{"op":"snapshot","out":"/tmp/snap"}"#);
         assert_eq!(reply.get("ok"), Some(&Value::Bool(true)));
         drop(client);
-        let expected = ApiRequest::Snapshot { out: PathBuf::from("/tmp/snap"), then: AfterSnapshot::Resume };
+        let expected = ApiRequest::Snapshot { out: PathBuf::from("/tmp/snap"), then: AfterSnapshot::Resume, parent: None, stop_the_world: false };
         assert_eq!(stop(server, vmm), vec![expected]);
+    }
+
+    #[test]
+    fn incremental_and_stop_the_world_snapshots_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (server, vmm) = echo_server(&dir);
+        let request = ApiRequest::Snapshot {
+            out: PathBuf::from("/s/b"),
+            then: AfterSnapshot::Resume,
+            parent: Some(PathBuf::from("/s/a")),
+            stop_the_world: true,
+        };
+        send_request(server.path(), &request).expect("snapshot");
+        assert_eq!(stop(server, vmm), vec![request]);
+    }
+
+    #[test]
+    fn bad_parent_and_stop_the_world_fields_get_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (server, vmm) = echo_server(&dir);
+        let mut client = RawClient::connect(server.path());
+        let reply = client.ask(r#"{"op":"snapshot","out":"/tmp/s","parent":"rel/a"}"#);
+        assert_eq!(error_of(&reply), r#"the "parent" directory must be an absolute path, not "rel/a""#);
+        let reply = client.ask(r#"{"op":"snapshot","out":"/tmp/s","parent":7}"#);
+        assert_eq!(error_of(&reply), r#"the "parent" field must be a string naming a snapshot directory"#);
+        let reply = client.ask(r#"{"op":"snapshot","out":"/tmp/s","stop_the_world":"yes"}"#);
+        assert_eq!(error_of(&reply), r#"the "stop_the_world" field must be true or false"#);
+        drop(client);
+        assert!(stop(server, vmm).is_empty(), "a bad request reached the VMM");
     }
 
     #[test]
     fn client_sends_a_relative_out_as_absolute() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (server, vmm) = echo_server(&dir);
-        let request = ApiRequest::Snapshot { out: PathBuf::from("snaps/a"), then: AfterSnapshot::Resume };
+        let request = ApiRequest::Snapshot { out: PathBuf::from("snaps/a"), then: AfterSnapshot::Resume, parent: None, stop_the_world: false };
         send_request(server.path(), &request).expect("snapshot");
         let cwd = std::env::current_dir().expect("cwd");
-        let expected = ApiRequest::Snapshot { out: cwd.join("snaps/a"), then: AfterSnapshot::Resume };
+        let expected = ApiRequest::Snapshot { out: cwd.join("snaps/a"), then: AfterSnapshot::Resume, parent: None, stop_the_world: false };
         assert_eq!(stop(server, vmm), vec![expected]);
     }
 
@@ -1157,13 +1215,13 @@ mod tests {
         });
         let path = server.path().to_owned();
         let first = thread::spawn(move || {
-            send_request(&path, &ApiRequest::Snapshot { out: "/tmp/a".into(), then: AfterSnapshot::Resume })
+            send_request(&path, &ApiRequest::Snapshot { out: "/tmp/a".into(), then: AfterSnapshot::Resume, parent: None, stop_the_world: false })
         });
         let held = held_rx.recv().expect("first snapshot reached the VMM");
         assert!(matches!(held.request, ApiRequest::Snapshot { .. }));
 
         let second =
-            send_request(server.path(), &ApiRequest::Snapshot { out: "/tmp/b".into(), then: AfterSnapshot::Exit });
+            send_request(server.path(), &ApiRequest::Snapshot { out: "/tmp/b".into(), then: AfterSnapshot::Exit, parent: None, stop_the_world: false });
         assert!(matches!(&second, Err(ApiError::Refused(m)) if m == SNAPSHOT_BUSY), "{second:?}");
         assert_eq!(send_request(server.path(), &ApiRequest::Status).expect("status"), Map::new());
 
@@ -1171,7 +1229,7 @@ mod tests {
         let first = first.join().expect("first client").expect("first snapshot");
         assert_eq!(first, fields(&[("bytes", Value::from(4096))]));
         // The flag is cleared: a new snapshot goes through.
-        send_request(server.path(), &ApiRequest::Snapshot { out: "/tmp/c".into(), then: AfterSnapshot::Resume })
+        send_request(server.path(), &ApiRequest::Snapshot { out: "/tmp/c".into(), then: AfterSnapshot::Resume, parent: None, stop_the_world: false })
             .expect("third snapshot");
         drop(server);
         let seen = vmm.join().expect("fake VMM");
@@ -1294,7 +1352,7 @@ mod tests {
         let (tx, rx) = mpsc::channel::<ApiCall>();
         let server = ApiServer::start(&socket_in(&dir), tx).expect("start");
         let vmm = thread::spawn(move || rx.into_iter().count());
-        let snapshot = ApiRequest::Snapshot { out: "/tmp/s".into(), then: AfterSnapshot::Resume };
+        let snapshot = ApiRequest::Snapshot { out: "/tmp/s".into(), then: AfterSnapshot::Resume, parent: None, stop_the_world: false };
         let result = send_request(server.path(), &snapshot);
         let expected = "the VMM dropped the request without answering";
         assert!(matches!(&result, Err(ApiError::Refused(m)) if m == expected), "{result:?}");
@@ -1316,7 +1374,7 @@ mod tests {
             call.respond(Ok(fields(&[("exiting", Value::Bool(true))])));
             drop(server);
         });
-        let request = ApiRequest::Snapshot { out: "/tmp/s".into(), then: AfterSnapshot::Exit };
+        let request = ApiRequest::Snapshot { out: "/tmp/s".into(), then: AfterSnapshot::Exit, parent: None, stop_the_world: false };
         let reply = send_request(&path, &request).expect("snapshot reply");
         assert_eq!(reply, fields(&[("exiting", Value::Bool(true))]));
         vmm.join().expect("fake VMM");

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kvm_ioctls::{IoEventAddress, VmFd};
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::acpi::{self, AcpiError};
@@ -34,7 +34,8 @@ use crate::restore::uffd::{self, LazyMemory, UffdError};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{self, supported_cpuid, Vcpu, VcpuError};
 use crate::vstate::vm::{self, VmError, VmStateError};
-use crate::vmm::{Console, Devices, SlotBackend, VirtioSlot, VmEvent, Vmm, WorkingDisks};
+use crate::vmm::{Console, Devices, LatestSnapshot, SlotBackend, VirtioSlot, VmEvent, Vmm, WorkingDisks};
+use crate::vstate::dirty::{DirtyError, DirtyLog};
 
 /// Errors while building a VM, for boot or from a snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +78,9 @@ pub enum BuildError {
     /// Lazy or eager memory loading.
     #[error(transparent)]
     Uffd(#[from] UffdError),
+    /// Dirty page tracking.
+    #[error(transparent)]
+    Dirty(#[from] DirtyError),
     /// The serial port's saved state.
     #[error(transparent)]
     SerialState(#[from] SerialStateError),
@@ -256,7 +260,7 @@ pub fn build_microvm_for_boot(config: &VmConfig) -> Result<Vmm, BuildError> {
     let vm = vm::create_vm(&kvm)?;
 
     let mem = create_guest_memory(config.mem_size)?;
-    vm::register_memory(&vm, &mem)?;
+    vm::register_memory(&vm, &mem, false)?;
 
     log::debug!("boot: VM and memory created");
     let loaded = boot::load_kernel(&mem, &mut kernel)?;
@@ -319,6 +323,10 @@ pub fn build_microvm_for_boot(config: &VmConfig) -> Result<Vmm, BuildError> {
         restore_started: None,
         restore_report: None,
         snapshot_progress: Box::new(|_, _| {}),
+        dirty: DirtyLog::default(),
+        vm_id: persist::new_id(),
+        latest: None,
+        pending: None,
     })
 }
 
@@ -399,7 +407,22 @@ pub fn build_microvm_from_snapshot(
         MemoryMode::Lazy { .. } => ReaderOptions { cached_storage_blocks: 0, ..Default::default() },
         MemoryMode::Eager => ReaderOptions::default(),
     };
-    let reader = Reader::open_with(&snapshot.memory_path, reader_options).map_err(BuildError::OpenCheckpoint)?;
+    // An incremental snapshot: its memory is the chain of it and its
+    // parents, newest first.
+    let chain = persist::snapshot_chain(dir, &snapshot.manifest, &snapshot.memory_path)?;
+    let layers: Vec<PathBuf> = chain.iter().map(|layer| layer.memory_path.clone()).collect();
+    let reader = Reader::open_chain(&layers, reader_options).map_err(BuildError::OpenCheckpoint)?;
+    let index_crc = reader.index_crc();
+    // Snapshots from before VM ids get one now.
+    let vm_id = match snapshot.manifest.vm_id.as_str() {
+        "" => persist::new_id(),
+        id => id.to_owned(),
+    };
+    let latest = LatestSnapshot {
+        id: snapshot.manifest.id.clone(),
+        dir: dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
+        index_crc,
+    };
     check_checkpoint_layout(&reader, &snapshot.state.machine)?;
     let (pending, working_disks) = reopen_devices(dir, &snapshot, options)?;
     let state: SnapshotState = snapshot.state;
@@ -410,8 +433,11 @@ pub fn build_microvm_from_snapshot(
     vcpu::check_xsave_size(&kvm)?;
     let vm = vm::create_vm(&kvm)?;
     let mem = create_guest_memory(state.machine.mem_size)?;
-    vm::register_memory(&vm, &mem)?;
+    vm::register_memory(&vm, &mem, false)?;
     phase("VM and memory created");
+    // Changes are tracked from the restored state on: the snapshot is
+    // this VM's latest, which an incremental snapshot may build on.
+    let mut dirty = DirtyLog::default();
 
     let (events_tx, events_rx) = channel::<VmEvent>();
     // Memory before any vCPU can run. Lazy: registered with userfaultfd and
@@ -426,6 +452,7 @@ pub fn build_microvm_from_snapshot(
             (None, "eager")
         }
     };
+    dirty.start(&vm, &mem)?;
     phase("memory set up");
 
     // vCPUs (and so their LAPICs) before the VM-wide interrupt controller
@@ -475,6 +502,10 @@ pub fn build_microvm_from_snapshot(
         restore_started: Some((process_start, mode_name)),
         restore_report: None,
         snapshot_progress: Box::new(|_, _| {}),
+        dirty,
+        vm_id,
+        latest: Some(latest),
+        pending: None,
     })
 }
 

@@ -11,6 +11,7 @@ pub mod devices;
 pub mod layout;
 pub mod persist;
 pub mod restore;
+pub mod snapshot;
 pub mod terminal;
 pub mod vmm;
 pub mod vstate;

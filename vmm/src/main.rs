@@ -29,8 +29,9 @@ enum Command {
     Pause(SockArgs),
     /// Resume a paused VM's vCPUs.
     Resume(SockArgs),
-    /// Snapshot a running VM into a directory.
-    Snapshot(SnapshotArgs),
+    /// Snapshot a running VM into a directory (live unless --then exit or
+    /// --stop-the-world), or work on snapshot directories.
+    Snapshot(SnapshotCmd),
     /// Show a running VM's state.
     Status(SockArgs),
     /// Checkpoint files: inspect, verify, pack, unpack.
@@ -143,17 +144,47 @@ enum ThenArg {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct SnapshotCmd {
+    #[command(subcommand)]
+    command: Option<SnapshotSub>,
+    #[command(flatten)]
+    take: SnapshotArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotSub {
+    /// Merge a snapshot and the chain of parents it builds on into one
+    /// self-contained snapshot.
+    Flatten {
+        /// The (incremental) snapshot directory.
+        dir: PathBuf,
+        /// Where to write the self-contained snapshot.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
 struct SnapshotArgs {
     /// The VM's control socket.
-    #[arg(long, value_name = "PATH")]
-    api_sock: PathBuf,
+    #[arg(long, value_name = "PATH", required = true)]
+    api_sock: Option<PathBuf>,
     /// Snapshot directory to write (created, or replaced if it holds a
     /// snapshot).
-    #[arg(long, value_name = "DIR")]
-    out: PathBuf,
+    #[arg(long, value_name = "DIR", required = true)]
+    out: Option<PathBuf>,
     /// What the VM does after the snapshot.
     #[arg(long, value_enum, default_value = "resume")]
     then: ThenArg,
+    /// Write only the memory changed since PARENT_DIR, the VM's latest
+    /// snapshot (an incremental snapshot; restoring it needs PARENT_DIR).
+    #[arg(long, value_name = "PARENT_DIR")]
+    parent: Option<PathBuf>,
+    /// Keep the guest paused until memory is written, as `--then exit`
+    /// does (by default the guest runs on while memory is written).
+    #[arg(long)]
+    stop_the_world: bool,
 }
 
 /// Errors of the command line itself.
@@ -258,6 +289,13 @@ fn control(sock: PathBuf, request: ApiRequest) -> Result<ExitCode, Box<dyn std::
     Ok(ExitCode::SUCCESS)
 }
 
+/// `stasis snapshot flatten DIR --out NEW`.
+fn flatten(dir: &std::path::Path, out: &std::path::Path) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let report = stasis::snapshot::flatten_snapshot(dir, out)?;
+    println!("{}", report);
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
@@ -271,12 +309,20 @@ fn main() -> ExitCode {
         Command::Pause(args) => control(args.api_sock, ApiRequest::Pause),
         Command::Resume(args) => control(args.api_sock, ApiRequest::Resume),
         Command::Status(args) => control(args.api_sock, ApiRequest::Status),
-        Command::Snapshot(args) => {
-            let then = match args.then {
+        Command::Snapshot(SnapshotCmd { command: Some(SnapshotSub::Flatten { dir, out }), .. }) => flatten(&dir, &out),
+        Command::Snapshot(SnapshotCmd { command: None, take }) => {
+            let then = match take.then {
                 ThenArg::Resume => AfterSnapshot::Resume,
                 ThenArg::Exit => AfterSnapshot::Exit,
             };
-            control(args.api_sock, ApiRequest::Snapshot { out: args.out, then })
+            // clap requires both when there is no subcommand.
+            match (take.api_sock, take.out) {
+                (Some(sock), Some(out)) => control(
+                    sock,
+                    ApiRequest::Snapshot { out, then, parent: take.parent, stop_the_world: take.stop_the_world },
+                ),
+                _ => Err("stasis snapshot needs --api-sock and --out".into()),
+            }
         }
         Command::Checkpoint { command } => stasis::checkpoint::cli::run(command)
             .map(|()| ExitCode::SUCCESS)

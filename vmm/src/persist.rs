@@ -97,6 +97,9 @@ pub enum PersistError {
     /// Encoding the state failed.
     #[error("cannot encode the VM state")]
     Encode(#[source] bincode::Error),
+    /// An incremental snapshot's chain of parents is broken.
+    #[error("snapshot {} cannot be restored: {}", .0.display(), .1)]
+    BadChain(PathBuf, String),
 }
 
 /// The machine's shape, needed to rebuild it before any state goes in.
@@ -192,6 +195,55 @@ pub struct Manifest {
     pub machine: MachineConfig,
     /// When it was taken, seconds since the Unix epoch.
     pub created_unix: u64,
+    /// This snapshot's unique id (128 random bits in hex); empty in
+    /// snapshots from before incremental snapshots, which cannot be
+    /// parents.
+    #[serde(default)]
+    pub id: String,
+    /// The VM's id: made at boot, carried through its snapshots and the
+    /// VMs restored from them.
+    #[serde(default)]
+    pub vm_id: String,
+    /// For an incremental snapshot: the snapshot its memory builds on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+}
+
+/// How an incremental snapshot names its parent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// The parent's id.
+    pub id: String,
+    /// Where it is: relative to this snapshot's directory when they share
+    /// a directory (`../NAME`), absolute otherwise.
+    pub dir: PathBuf,
+    /// The CRC of the parent memory checkpoint's index (the file's
+    /// identity: any rewrite changes it).
+    pub index_crc: u32,
+}
+
+/// What a new snapshot's manifest says about it beyond its files.
+#[derive(Clone, Debug, Default)]
+pub struct Identity {
+    /// The snapshot's id.
+    pub id: String,
+    /// The VM's id.
+    pub vm_id: String,
+    /// The parent, for an incremental snapshot.
+    pub parent: Option<ParentRef>,
+}
+
+/// A new random id: 128 bits as 32 hex digits.
+pub fn new_id() -> String {
+    let mut bytes = [0u8; 16];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        // No entropy source: time and pid still make ids unique here.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        bytes = (t ^ (u128::from(std::process::id()) << 96)).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn bincode_options() -> impl Options {
@@ -313,6 +365,11 @@ impl SnapshotWriter {
         Ok(SnapshotWriter { target: target.to_path_buf(), partial })
     }
 
+    /// The directory the snapshot will be in.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
     /// Where the memory checkpoint goes.
     pub fn memory_path(&self) -> PathBuf {
         self.partial.join(MEMORY_FILE)
@@ -334,8 +391,11 @@ impl SnapshotWriter {
 
     /// Writes the manifest and moves the snapshot into place, replacing an
     /// older snapshot there.
-    pub fn commit(self, machine: &MachineConfig) -> Result<PathBuf, PersistError> {
+    pub fn commit(self, machine: &MachineConfig, identity: &Identity) -> Result<PathBuf, PersistError> {
         let manifest = Manifest {
+            id: identity.id.clone(),
+            vm_id: identity.vm_id.clone(),
+            parent: identity.parent.clone(),
             format: MANIFEST_FORMAT.into(),
             version: MANIFEST_VERSION,
             state_file: STATE_FILE.into(),
@@ -429,6 +489,33 @@ impl SnapshotDir {
 
 /// Opens a snapshot directory.
 pub fn open_snapshot(dir: &Path) -> Result<SnapshotDir, PersistError> {
+    let manifest = read_manifest(dir)?;
+    let state_path = plain_name(dir, &manifest.state_file)?;
+    let memory_path = plain_name(dir, &manifest.memory_file)?;
+    let bytes = read_bounded(&state_path, MAX_STATE_LEN + STATE_HEADER_LEN as u64)?;
+    let state = decode_state(&state_path, &bytes)?;
+    if state.machine != manifest.machine || state.vcpus.len() != usize::from(state.machine.vcpus) {
+        return Err(PersistError::BadState(state_path, "machine shape disagrees with the manifest".into()));
+    }
+    Ok(SnapshotDir { manifest, state, memory_path })
+}
+
+/// Most layers a snapshot chain may have.
+pub const MAX_CHAIN: usize = 1000;
+
+/// One snapshot of a chain.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Its memory checkpoint.
+    pub memory_path: PathBuf,
+}
+
+/// Reads only a snapshot directory's manifest.
+pub fn read_manifest(dir: &Path) -> Result<Manifest, PersistError> {
     if !dir.exists() {
         return Err(PersistError::MissingDir(dir.to_path_buf()));
     }
@@ -445,14 +532,73 @@ pub fn open_snapshot(dir: &Path) -> Result<SnapshotDir, PersistError> {
             format!("format {:?} version {}, expected {MANIFEST_FORMAT:?} version {MANIFEST_VERSION}", manifest.format, manifest.version),
         ));
     }
-    let state_path = plain_name(dir, &manifest.state_file)?;
-    let memory_path = plain_name(dir, &manifest.memory_file)?;
-    let bytes = read_bounded(&state_path, MAX_STATE_LEN + STATE_HEADER_LEN as u64)?;
-    let state = decode_state(&state_path, &bytes)?;
-    if state.machine != manifest.machine || state.vcpus.len() != usize::from(state.machine.vcpus) {
-        return Err(PersistError::BadState(state_path, "machine shape disagrees with the manifest".into()));
+    Ok(manifest)
+}
+
+/// Where `parent` lies as seen from `child`'s directory.
+pub fn resolve_parent(child: &Path, parent: &ParentRef) -> PathBuf {
+    if parent.dir.is_absolute() {
+        parent.dir.clone()
+    } else {
+        child.join(&parent.dir)
     }
-    Ok(SnapshotDir { manifest, state, memory_path })
+}
+
+/// How `child` (a directory about to exist) names `parent`: `../NAME`
+/// when both lie in the same directory, the absolute path otherwise.
+pub fn parent_link(child: &Path, parent: &Path) -> Result<PathBuf, PersistError> {
+    let abs = |p: &Path| -> Result<PathBuf, PersistError> {
+        let p = if p.is_absolute() { p.to_path_buf() } else {
+            std::env::current_dir().map_err(|e| PersistError::Read(p.to_path_buf(), e))?.join(p)
+        };
+        Ok(p)
+    };
+    let parent = abs(parent)?.canonicalize().map_err(|e| PersistError::Read(parent.to_path_buf(), e))?;
+    let child = abs(child)?;
+    let child_dir = child.parent().map(|d| d.canonicalize().unwrap_or_else(|_| d.to_path_buf()));
+    match (child_dir, parent.parent(), parent.file_name()) {
+        (Some(a), Some(b), Some(name)) if a == b => Ok(Path::new("..").join(name)),
+        _ => Ok(parent),
+    }
+}
+
+/// The chain of snapshots `dir` builds on, newest (`dir` itself) first,
+/// each parent found and checked to be the one its child was written on.
+pub fn snapshot_chain(dir: &Path, top: &Manifest, top_memory: &Path) -> Result<Vec<Layer>, PersistError> {
+    let mut layers = vec![Layer { dir: dir.to_path_buf(), manifest: top.clone(), memory_path: top_memory.to_path_buf() }];
+    let mut seen = std::collections::HashSet::new();
+    seen.insert(top.id.clone());
+    loop {
+        let child = &layers[layers.len() - 1];
+        let Some(link) = child.manifest.parent.clone() else { break };
+        let child_dir = child.dir.clone();
+        let bad = |why: String| PersistError::BadChain(child_dir.clone(), why);
+        if layers.len() >= MAX_CHAIN {
+            return Err(bad(format!("the chain is longer than {MAX_CHAIN} snapshots")));
+        }
+        let parent_dir = resolve_parent(&child_dir, &link);
+        let manifest = match read_manifest(&parent_dir) {
+            Ok(m) => m,
+            Err(PersistError::MissingDir(_)) => {
+                return Err(bad(format!("its parent snapshot {} is missing", parent_dir.display())))
+            }
+            Err(e) => return Err(bad(format!("its parent snapshot {} cannot be read: {}", parent_dir.display(), crate::error_chain(&e)))),
+        };
+        if manifest.id != link.id {
+            return Err(bad(format!(
+                "{} is not its parent: that has id {}, this one {}",
+                parent_dir.display(),
+                link.id,
+                if manifest.id.is_empty() { "none" } else { &manifest.id }
+            )));
+        }
+        if !seen.insert(manifest.id.clone()) {
+            return Err(bad(format!("the parent links form a cycle at {}", parent_dir.display())));
+        }
+        let memory_path = plain_name(&parent_dir, &manifest.memory_file)?;
+        layers.push(Layer { dir: parent_dir, manifest, memory_path });
+    }
+    Ok(layers)
 }
 
 #[cfg(test)]
@@ -581,7 +727,7 @@ mod tests {
             state.vcpus[0].regs.rax = rax;
             writer.write_state(&state).expect("state");
             fs::write(writer.memory_path(), b"memory").expect("memory");
-            writer.commit(&state.machine).expect("commit");
+            writer.commit(&state.machine, &Identity::default()).expect("commit");
             let opened = open_snapshot(&target).expect("open");
             assert_eq!(opened.state.vcpus[0].regs.rax, rax);
             assert_eq!(fs::read(opened.memory_path).expect("read"), b"memory");
@@ -622,11 +768,61 @@ mod tests {
         let target = dir.path().join("snap");
         let writer = SnapshotWriter::create(&target).expect("create");
         writer.write_state(&sample_state()).expect("state");
-        writer.commit(&sample_state().machine).expect("commit");
+        writer.commit(&sample_state().machine, &Identity::default()).expect("commit");
         let path = target.join(MANIFEST_FILE);
         let text = fs::read_to_string(&path).expect("read").replace("\"state.bin\"", "\"../state.bin\"");
         fs::write(&path, text).expect("write");
         let err = open_snapshot(&target).err().expect("accepted");
         assert!(err.to_string().contains("not a plain name"), "{err}");
+    }
+
+    /// Commits a snapshot named `name` in `root` with `parent` (by name).
+    fn layer(root: &Path, name: &str, id: &str, parent: Option<(&str, &str)>) -> Manifest {
+        let target = root.join(name);
+        let writer = SnapshotWriter::create(&target).expect("create");
+        writer.write_state(&sample_state()).expect("state");
+        let parent = parent.map(|(dir, id)| ParentRef { id: id.into(), dir: parent_link(&target, &root.join(dir)).expect("link"), index_crc: 1 });
+        let identity = Identity { id: id.into(), vm_id: "vm".into(), parent };
+        writer.commit(&sample_state().machine, &identity).expect("commit");
+        read_manifest(&target).expect("manifest")
+    }
+
+    #[test]
+    fn a_chain_is_followed_to_its_full_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        layer(dir.path(), "a", "ida", None);
+        let b = layer(dir.path(), "b", "idb", Some(("a", "ida")));
+        assert_eq!(b.parent.as_ref().map(|p| p.dir.clone()), Some(PathBuf::from("../a")), "siblings link relatively");
+        let c = layer(dir.path(), "c", "idc", Some(("b", "idb")));
+        let chain = snapshot_chain(&dir.path().join("c"), &c, &dir.path().join("c/memory.ckpt")).expect("chain");
+        let ids: Vec<_> = chain.iter().map(|l| l.manifest.id.as_str()).collect();
+        assert_eq!(ids, ["idc", "idb", "ida"]);
+        assert_eq!(chain[2].memory_path, dir.path().join("c/../b/../a").join(MEMORY_FILE));
+    }
+
+    #[test]
+    fn broken_chains_are_refused_with_one_line_each() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let chain_of = |name: &str, m: &Manifest| {
+            let d = dir.path().join(name);
+            snapshot_chain(&d, m, &d.join(MEMORY_FILE)).expect_err("accepted").to_string()
+        };
+        layer(dir.path(), "a", "ida", None);
+        let b = layer(dir.path(), "b", "idb", Some(("a", "ida")));
+        fs::remove_dir_all(dir.path().join("a")).expect("rm");
+        assert!(chain_of("b", &b).contains("parent snapshot") && chain_of("b", &b).contains("is missing"), "{}", chain_of("b", &b));
+        layer(dir.path(), "a", "other", None);
+        assert!(chain_of("b", &b).contains("is not its parent"), "{}", chain_of("b", &b));
+        // x -> y -> x: a cycle.
+        let x = layer(dir.path(), "x", "idx", Some(("a", "other")));
+        let y = layer(dir.path(), "y", "idy", Some(("x", "idx")));
+        let mut x2 = x.clone();
+        x2.parent = y.parent.clone().map(|mut p| {
+            p.id = "idy".into();
+            p.dir = PathBuf::from("../y");
+            p
+        });
+        fs::write(dir.path().join("x").join(MANIFEST_FILE), serde_json::to_string(&x2).expect("json")).expect("write");
+        assert!(chain_of("y", &y).contains("cycle"), "{}", chain_of("y", &y));
     }
 }

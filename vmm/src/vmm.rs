@@ -11,10 +11,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestMemoryMmap;
 
 use crate::api::{AfterSnapshot, ApiCall, ApiError, ApiReply, ApiRequest, ApiServer};
-use crate::checkpoint::{self, WriteStats, WriterOptions};
+use crate::checkpoint::{self, Reader, WriteStats, WriterOptions};
 use crate::devices::bus::{lock, MmioBus, PioBus};
 use crate::devices::virtio::block::image::{copy_sparse, FileIdentity};
 use crate::devices::virtio::mmio::MmioTransport;
@@ -24,8 +24,11 @@ use crate::devices::legacy::{IrqTrigger, SerialDevice};
 use crate::devices::PowerEvent;
 use crate::error_chain;
 use crate::persist::{
-    DevicesState, MachineConfig, PersistError, SavedVirtioDevice, SnapshotState, SnapshotWriter, VirtioBackend,
+    self, DevicesState, Identity, MachineConfig, ParentRef, PersistError, SavedVirtioDevice, SnapshotState,
+    SnapshotWriter, VirtioBackend,
 };
+use crate::snapshot::{fork_writer, ChildWriter, NotResident, VmMemory};
+use crate::vstate::dirty::{DirtyError, DirtyLog, DirtyPages};
 use crate::restore::uffd::{LazyMemory, LoaderReport, MemoryFailure, UffdError};
 use crate::terminal::{RawTerminal, TerminalError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuStop};
@@ -73,6 +76,27 @@ pub enum VmmError {
     /// A disk could not be copied into the snapshot.
     #[error("cannot copy disk {} into the snapshot", .0.display())]
     CopyDisk(PathBuf, #[source] std::io::Error),
+    /// An incremental snapshot's parent is not one it can build on.
+    #[error("cannot build on parent snapshot {}: {}", .0.display(), .1)]
+    Parent(PathBuf, String),
+    /// Another snapshot is still being written.
+    #[error("a snapshot is already in progress")]
+    Busy,
+    /// Dirty page tracking.
+    #[error(transparent)]
+    Dirty(#[from] DirtyError),
+    /// The checkpoint a lazy VM is restored from could not be opened again.
+    #[error("cannot reopen the checkpoint this VM is restored from")]
+    ReadRestoreCheckpoint(#[source] checkpoint::ReadError),
+    /// The live snapshot's writer process could not be started.
+    #[error("cannot start the memory writer process")]
+    ForkWriter(#[source] std::io::Error),
+    /// Guest memory could not be written.
+    #[error("cannot write the memory checkpoint: {0}")]
+    WriteMemory(String),
+    /// The written checkpoint could not be read back.
+    #[error("cannot read back the memory checkpoint just written")]
+    ReadBack(#[source] checkpoint::ReadError),
 }
 
 /// The host side of a virtio device, as a snapshot records it.
@@ -184,6 +208,8 @@ pub enum VmEvent {
     Memory(MemoryFailure),
     /// A request on the control socket.
     Api(ApiCall),
+    /// A live snapshot's memory writer ended: its figures or why it failed.
+    SnapshotWritten(Result<WriteStats, String>),
 }
 
 impl From<ApiCall> for VmEvent {
@@ -226,6 +252,82 @@ pub struct SnapshotReport {
     pub disk_bytes_copied: u64,
     /// Time the vCPUs were paused for the snapshot.
     pub paused_for: Duration,
+    /// From the request until the directory was durable.
+    pub total: Duration,
+    /// The parent, as the manifest names it, for an incremental snapshot.
+    pub parent: Option<PathBuf>,
+}
+
+/// The VM's latest snapshot: what an incremental snapshot builds on.
+#[derive(Clone, Debug)]
+pub(crate) struct LatestSnapshot {
+    /// Its id.
+    pub(crate) id: String,
+    /// Where it was written (or restored from).
+    pub(crate) dir: PathBuf,
+    /// Its memory checkpoint's index CRC.
+    pub(crate) index_crc: u32,
+}
+
+/// A snapshot whose vCPUs ran again, still to be finished.
+struct Finishing {
+    identity: Identity,
+    state: SnapshotState,
+    /// The changed pages taken at the pause, given back if it fails.
+    taken: Option<DirtyPages>,
+    /// Disks copied, and data bytes copied.
+    disks: (usize, u64),
+    paused_for: Duration,
+    started: Instant,
+    /// The memory write's outcome, once known.
+    memory: Option<Result<WriteStats, String>>,
+}
+
+/// A snapshot begun: its directory, what is left to write, and the child
+/// writing memory for a live one.
+struct Begun {
+    writer: SnapshotWriter,
+    finishing: Finishing,
+    child: Option<ChildWriter>,
+}
+
+/// A live snapshot whose memory a child process is writing.
+pub(crate) struct PendingSnapshot {
+    writer: SnapshotWriter,
+    finishing: Finishing,
+    /// Where the answer goes; `None` once the client was answered.
+    reply: Option<std::sync::mpsc::Sender<ApiReply>>,
+}
+
+/// A snapshot's figures as the control socket reports them.
+fn snapshot_json(report: &SnapshotReport, mode: &str) -> serde_json::Value {
+    log::info!(
+        "snapshot {} ({mode}): {} MiB of memory in {} bytes, {:.1} ms paused, {:.2} s in all",
+        report.dir.display(),
+        report.memory.bytes_in >> 20,
+        report.memory.file_bytes,
+        report.paused_for.as_secs_f64() * 1000.0,
+        report.total.as_secs_f64()
+    );
+    let m = &report.memory;
+    serde_json::json!({
+        "dir": report.dir.display().to_string(),
+        "mode": mode,
+        "parent": report.parent.as_ref().map(|p| p.display().to_string()),
+        "memory_bytes": m.bytes_in,
+        "memory_file_bytes": m.file_bytes,
+        "memory_stored_bytes": m.bytes_stored,
+        "state_file_bytes": report.state_bytes,
+        "disks": report.disks,
+        "disk_bytes_copied": report.disk_bytes_copied,
+        "zero_blocks": m.zero_blocks,
+        "raw_blocks": m.raw_blocks,
+        "zstd_blocks": m.zstd_blocks,
+        "parent_blocks": m.parent_blocks,
+        "write_ms": m.elapsed.as_secs_f64() * 1000.0,
+        "paused_ms": report.paused_for.as_secs_f64() * 1000.0,
+        "write_s": report.total.as_secs_f64(),
+    })
 }
 
 /// Restore figures.
@@ -282,6 +384,14 @@ pub struct Vmm {
     pub(crate) restore_report: Option<RestoreReport>,
     /// Told (bytes done, bytes total) while a snapshot writes memory.
     pub(crate) snapshot_progress: Box<dyn FnMut(u64, u64) + Send>,
+    /// Pages changed since the latest snapshot.
+    pub(crate) dirty: DirtyLog,
+    /// The VM's id, kept in its snapshots and by VMs restored from them.
+    pub(crate) vm_id: String,
+    /// The latest snapshot taken of (or restored into) this VM.
+    pub(crate) latest: Option<LatestSnapshot>,
+    /// A live snapshot being written.
+    pub(crate) pending: Option<PendingSnapshot>,
 }
 
 /// Moves what is typed on stdin into the guest's console.
@@ -378,6 +488,15 @@ impl Vmm {
         // function returns, however it returns.
         let _terminal = RawTerminal::enter()?;
         self.start()?;
+        let ended = self.serve();
+        // A live snapshot's memory is that of its pause instant: it is
+        // finished even when the guest ended meanwhile.
+        self.settle_pending();
+        ended
+    }
+
+    /// Handles the VM's events until it ends.
+    fn serve(&mut self) -> Result<GuestExit, VmmError> {
         loop {
             let event = self
                 .events_rx
@@ -396,8 +515,17 @@ impl Vmm {
                     return Err(VmmError::GuestFailed(msg))
                 }
                 VmEvent::Memory(MemoryFailure(msg)) => return Err(VmmError::MemoryFailed(msg)),
+                VmEvent::SnapshotWritten(result) => self.finish_live(result),
                 VmEvent::Api(call) => {
                     let exit = matches!(call.request, ApiRequest::Snapshot { then: AfterSnapshot::Exit, .. });
+                    let live = matches!(
+                        call.request,
+                        ApiRequest::Snapshot { then: AfterSnapshot::Resume, stop_the_world: false, .. }
+                    );
+                    if live {
+                        self.begin_live(call);
+                        continue;
+                    }
                     let reply = self.handle_api(call.request);
                     let ok = reply.is_ok();
                     // The client may have gone; the VM carries on regardless.
@@ -410,19 +538,102 @@ impl Vmm {
         }
     }
 
-    /// Serves one control request.
-    fn handle_api(&mut self, request: ApiRequest) -> ApiReply {
+    /// Starts a live snapshot: answers the client at once if it cannot
+    /// start, otherwise when its memory is written.
+    fn begin_live(&mut self, call: ApiCall) {
+        let ApiRequest::Snapshot { out, parent, .. } = &call.request else { return };
+        match self.begin_snapshot(out, parent.as_deref(), true) {
+            Ok(Begun { writer, finishing, child: Some(child) }) => {
+                log::info!(
+                    "snapshot {}: guest running again after {:.1} ms; memory being written by process {}",
+                    out.display(),
+                    finishing.paused_for.as_secs_f64() * 1000.0,
+                    child.pid()
+                );
+                let events = self.events_tx.clone();
+                let waiter = thread::Builder::new().name("snapshot-wait".into()).spawn(move || {
+                    let _ = events.send(VmEvent::SnapshotWritten(child.wait()));
+                });
+                if let Err(e) = waiter {
+                    // The child still writes, but nobody would collect it.
+                    let _ = call.reply.send(Err(format!("cannot start a thread to wait for the memory writer: {e}")));
+                    return;
+                }
+                self.pending = Some(PendingSnapshot { writer, finishing, reply: Some(call.reply) });
+            }
+            Ok(_) => {
+                let _ = call.reply.send(Err("the live snapshot did not start its memory writer".into()));
+            }
+            Err(e) => {
+                let _ = call.reply.send(Err(error_chain(&e)));
+            }
+        }
+    }
+
+    /// Finishes the live snapshot whose memory writer ended with `result`
+    /// and answers its client.
+    fn finish_live(&mut self, result: Result<WriteStats, String>) {
+        let Some(mut pending) = self.pending.take() else { return };
+        pending.finishing.memory = Some(result);
+        let reply = self.finish_snapshot(pending.writer, pending.finishing).map_err(|e| error_chain(&e)).map(|report| {
+            let mut fields = self.status_fields();
+            fields.insert("snapshot".into(), snapshot_json(&report, "live"));
+            fields
+        });
+        if let Err(msg) = &reply {
+            log::error!("live snapshot failed: {msg}");
+        }
+        if let Some(tx) = pending.reply.take() {
+            let _ = tx.send(reply);
+        }
+    }
+
+    /// Waits for a live snapshot still being written and finishes it.
+    fn settle_pending(&mut self) {
+        if self.pending.is_none() {
+            return;
+        }
+        log::info!("the VM ended while a live snapshot was written; finishing the snapshot");
+        while self.pending.is_some() {
+            match self.events_rx.recv() {
+                Ok(VmEvent::SnapshotWritten(result)) => self.finish_live(result),
+                Ok(VmEvent::Api(call)) => {
+                    let _ = call.reply.send(Err("the VM has ended".into()));
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// The fields every reply carries: state, shape, restore figures.
+    fn status_fields(&self) -> serde_json::Map<String, serde_json::Value> {
         let mut fields = serde_json::Map::new();
+        fields.insert("state".into(), if self.paused { "paused" } else { "running" }.into());
+        fields.insert("vcpus".into(), self.machine.vcpus.into());
+        fields.insert("memory_bytes".into(), self.machine.mem_size.into());
+        if let Some(pending) = &self.pending {
+            fields.insert("snapshot_in_progress".into(), pending.writer.target().display().to_string().into());
+        }
+        if let Some(report) = self.restore_report() {
+            if let Ok(value) = serde_json::to_value(report) {
+                fields.insert("restore".into(), value);
+            }
+        }
+        fields
+    }
+
+    /// Serves one control request (a live snapshot excepted).
+    fn handle_api(&mut self, request: ApiRequest) -> ApiReply {
         let text = |e: VmmError| error_chain(&e);
+        let mut snapshot = None;
         match request {
             ApiRequest::Pause => self.pause().map_err(text)?,
             ApiRequest::Resume => self.resume().map_err(text)?,
             ApiRequest::Status => {}
-            ApiRequest::Snapshot { out, then } => {
+            ApiRequest::Snapshot { out, then, parent, .. } => {
                 let was_paused = self.paused;
-                let mut progress = std::mem::replace(&mut self.snapshot_progress, Box::new(|_, _| {}));
-                let report = self.snapshot(&out, &mut *progress);
-                self.snapshot_progress = progress;
+                let report = self.snapshot(&out, parent.as_deref());
                 if then == AfterSnapshot::Resume || report.is_err() {
                     // A failed snapshot must not leave a running guest stopped.
                     if !was_paused {
@@ -430,37 +641,12 @@ impl Vmm {
                     }
                 }
                 let report = report.map_err(text)?;
-                log::info!(
-                    "snapshot {}: {} MiB of memory in {} bytes, {:.0} ms paused",
-                    report.dir.display(),
-                    report.memory.bytes_in >> 20,
-                    report.memory.file_bytes,
-                    report.paused_for.as_secs_f64() * 1000.0
-                );
-                let m = &report.memory;
-                let snapshot = serde_json::json!({
-                    "dir": report.dir.display().to_string(),
-                    "memory_bytes": m.bytes_in,
-                    "memory_file_bytes": m.file_bytes,
-                    "state_file_bytes": report.state_bytes,
-                    "disks": report.disks,
-                    "disk_bytes_copied": report.disk_bytes_copied,
-                    "zero_blocks": m.zero_blocks,
-                    "raw_blocks": m.raw_blocks,
-                    "zstd_blocks": m.zstd_blocks,
-                    "write_ms": m.elapsed.as_secs_f64() * 1000.0,
-                    "paused_ms": report.paused_for.as_secs_f64() * 1000.0,
-                });
-                fields.insert("snapshot".into(), snapshot);
+                snapshot = Some(snapshot_json(&report, "stop-the-world"));
             }
         }
-        fields.insert("state".into(), if self.paused { "paused" } else { "running" }.into());
-        fields.insert("vcpus".into(), self.machine.vcpus.into());
-        fields.insert("memory_bytes".into(), self.machine.mem_size.into());
-        if let Some(report) = self.restore_report() {
-            if let Ok(value) = serde_json::to_value(report) {
-                fields.insert("restore".into(), value);
-            }
+        let mut fields = self.status_fields();
+        if let Some(value) = snapshot {
+            fields.insert("snapshot".into(), value);
         }
         Ok(fields)
     }
@@ -492,27 +678,125 @@ impl Vmm {
         self.paused
     }
 
-    /// Saves the VM into `out`: pauses it, writes state and memory, and
-    /// leaves it paused (the caller resumes it or ends it).
-    pub fn snapshot(&mut self, out: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<SnapshotReport, VmmError> {
-        // Refuse what cannot be saved, and an unusable output, before
-        // stopping the guest.
-        vcpu::check_xsave_size(&self.kvm)?;
-        let writer = SnapshotWriter::create(out)?;
-        let paused_at = Instant::now();
-        self.pause()?;
-        if let Some(lazy) = &self.lazy {
-            // The checkpoint reads all of memory: bring in what is missing
-            // first instead of faulting it in page by page.
-            lazy.load_all()?;
+    /// Checks that `parent` is this VM's latest snapshot, which an
+    /// incremental snapshot into `out` may build on; says how `out` will
+    /// name it.
+    fn check_parent(&self, parent: &Path, out: &Path) -> Result<ParentRef, VmmError> {
+        let refuse = |why: String| VmmError::Parent(parent.to_path_buf(), why);
+        let Some(latest) = self.latest.as_ref().filter(|_| self.dirty.is_on()) else {
+            return Err(refuse("this VM has no snapshot to build on yet: take a full snapshot first".into()));
+        };
+        let manifest = persist::read_manifest(parent).map_err(|e| refuse(error_chain(&e)))?;
+        if manifest.vm_id != self.vm_id {
+            return Err(refuse("it is a snapshot of another VM".into()));
         }
+        if manifest.id.is_empty() || manifest.id != latest.id {
+            return Err(refuse(format!(
+                "it is not this VM's latest snapshot ({}): an incremental snapshot holds the memory changed since the \
+                 latest one, so it can only build on that",
+                latest.dir.display()
+            )));
+        }
+        let memory = parent.join(&manifest.memory_file);
+        let index_crc = Reader::open(&memory).map_err(|e| refuse(error_chain(&e)))?.index_crc();
+        if index_crc != latest.index_crc {
+            return Err(refuse(format!("its memory file {} changed since it was written", memory.display())));
+        }
+        // Writing over a snapshot the parent's chain needs would break it.
+        let canonical = |p: &Path| p.canonicalize().ok();
+        if let Some(target) = canonical(out) {
+            let chain = persist::snapshot_chain(parent, &manifest, &memory).map_err(|e| refuse(error_chain(&e)))?;
+            if chain.iter().any(|layer| canonical(&layer.dir).as_ref() == Some(&target)) {
+                return Err(refuse(format!("{} is part of its chain; writing the new snapshot there would break it", out.display())));
+            }
+        }
+        let dir = persist::parent_link(out, parent)?;
+        Ok(ParentRef { id: manifest.id, dir, index_crc })
+    }
+
+    /// Takes a snapshot into `out`: `parent` for an incremental one; `live`
+    /// to let the guest run while memory is written (by a child process,
+    /// see [`crate::snapshot`]). A stop-the-world snapshot has its memory
+    /// written when this returns and leaves the vCPUs paused (the caller
+    /// resumes them or ends the VM); a live one returns with the guest
+    /// running again and the child writing. Either is then finished by
+    /// [`Self::finish_snapshot`].
+    fn begin_snapshot(&mut self, out: &Path, parent: Option<&Path>, live: bool) -> Result<Begun, VmmError> {
+        // Refuse what cannot be saved, and unusable outputs or parents,
+        // before stopping the guest.
+        vcpu::check_xsave_size(&self.kvm)?;
+        if self.pending.is_some() {
+            return Err(VmmError::Busy);
+        }
+        let parent = parent.map(|p| self.check_parent(p, out)).transpose()?;
+        let writer = SnapshotWriter::create(out)?;
+        let identity = Identity { id: persist::new_id(), vm_id: self.vm_id.clone(), parent };
+        let started = Instant::now();
+        let was_paused = self.paused;
+        self.pause()?;
+        // Tracking starts with a booted VM's first snapshot; after that,
+        // every snapshot takes the pages changed since the one before.
+        let taken = if self.dirty.is_on() {
+            Some(self.dirty.take(&self.vm, &self.mem)?)
+        } else {
+            self.dirty.start(&self.vm, &self.mem)?;
+            None
+        };
+        let changed = if identity.parent.is_some() { taken.clone() } else { None };
+        match self.capture(&writer, identity.parent.as_ref(), changed, live, was_paused) {
+            Ok((state, disks, child, memory)) => Ok(Begun {
+                writer,
+                child,
+                finishing: Finishing {
+                    identity,
+                    state,
+                    taken,
+                    disks,
+                    paused_for: started.elapsed(),
+                    started,
+                    memory,
+                },
+            }),
+            Err(e) => {
+                if let Some(pages) = taken {
+                    self.dirty.give_back(pages);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The part of [`Self::begin_snapshot`] with the vCPUs paused: state,
+    /// disks, and memory (written, or handed to a forked writer, after
+    /// which the vCPUs run again unless they were paused before).
+    #[allow(clippy::type_complexity)]
+    fn capture(
+        &mut self,
+        writer: &SnapshotWriter,
+        parent: Option<&ParentRef>,
+        changed: Option<DirtyPages>,
+        live: bool,
+        was_paused: bool,
+    ) -> Result<(SnapshotState, (usize, u64), Option<ChildWriter>, Option<Result<WriteStats, String>>), VmmError> {
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for vcpu in &self.vcpus {
             vcpus.push(vcpu.save_state()?);
         }
-        // Device threads are held still from here until memory is written:
-        // what they would write into guest memory (a disk read, a vsock
-        // packet) must not land after their queues were saved.
+        // A lazily restored VM not fully resident: what is not loaded yet
+        // is read from the checkpoint it came from.
+        let not_resident = match &self.lazy {
+            Some(lazy) => match lazy.resident()? {
+                Some(resident) => {
+                    let reader = lazy.reader().try_clone().map_err(VmmError::ReadRestoreCheckpoint)?;
+                    Some(NotResident { reader, resident })
+                }
+                None => None,
+            },
+            None => None,
+        };
+        // Device threads are held still until memory is captured: what
+        // they would write into guest memory (a disk read, a vsock packet)
+        // must not land after their queues were saved.
         let mut transports: Vec<_> = self.virtio.iter().map(|slot| lock(&slot.transport)).collect();
         let mut virtio = Vec::with_capacity(transports.len());
         let mut disks = 0;
@@ -533,18 +817,70 @@ impl Vmm {
             };
             virtio.push(SavedVirtioDevice { backend, state: transport.snapshot() });
         }
-        let state = SnapshotState {
-            machine: self.machine.clone(),
-            vcpus,
-            vm: vm::save_vm_state(&self.vm)?,
-            devices: self.devices.state(),
-            virtio,
-        };
-        let memory = checkpoint::write_checkpoint(&writer.memory_path(), &self.mem, &WriterOptions::default(), progress)
-            .map_err(VmmError::WriteCheckpoint)?;
+        let vm = vm::save_vm_state(&self.vm)?;
+        let state = SnapshotState { machine: self.machine.clone(), vcpus, vm, devices: self.devices.state(), virtio };
+        let mut source = VmMemory::new(self.mem.clone(), not_resident, changed);
+        let options = WriterOptions { parent_index_crc: parent.map(|p| p.index_crc), ..Default::default() };
+        if live {
+            let child = fork_writer(writer.memory_path(), source, options).map_err(VmmError::ForkWriter)?;
+            drop(transports);
+            if !was_paused {
+                self.resume()?;
+            }
+            return Ok((state, (disks, disk_bytes_copied), Some(child), None));
+        }
+        if let Err(e) = source.scan_touched() {
+            log::warn!("cannot read /proc/self/pagemap ({e}): every memory block is read");
+        }
+        let mut progress = std::mem::replace(&mut self.snapshot_progress, Box::new(|_, _| {}));
+        let written = checkpoint::write_checkpoint(&writer.memory_path(), &source, &options, &mut *progress);
+        self.snapshot_progress = progress;
         drop(transports);
-        let state_bytes = writer.write_state(&state)?;
-        let dir = writer.commit(&self.machine)?;
-        Ok(SnapshotReport { dir, memory, state_bytes, disks, disk_bytes_copied, paused_for: paused_at.elapsed() })
+        Ok((state, (disks, disk_bytes_copied), None, Some(written.map_err(|e| error_chain(&e)))))
+    }
+
+    /// Writes the state and the manifest once memory is written, and makes
+    /// the snapshot the VM's latest; on any failure gives the changed pages
+    /// back, so the next snapshot still writes them.
+    fn finish_snapshot(&mut self, writer: SnapshotWriter, mut finishing: Finishing) -> Result<SnapshotReport, VmmError> {
+        let result = (|| {
+            let memory = finishing.memory.take().unwrap_or_else(|| Err("memory was not written".into()));
+            let memory = memory.map_err(VmmError::WriteMemory)?;
+            let state_bytes = writer.write_state(&finishing.state)?;
+            let memory_path = writer.memory_path();
+            let index_crc = Reader::open(&memory_path).map_err(VmmError::ReadBack)?.index_crc();
+            let dir = writer.commit(&self.machine, &finishing.identity)?;
+            Ok((dir, memory, state_bytes, index_crc))
+        })();
+        match result {
+            Ok((dir, memory, state_bytes, index_crc)) => {
+                let canonical = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+                self.latest = Some(LatestSnapshot { id: finishing.identity.id.clone(), dir: canonical, index_crc });
+                Ok(SnapshotReport {
+                    dir,
+                    memory,
+                    state_bytes,
+                    disks: finishing.disks.0,
+                    disk_bytes_copied: finishing.disks.1,
+                    paused_for: finishing.paused_for,
+                    total: finishing.started.elapsed(),
+                    parent: finishing.identity.parent.as_ref().map(|p| p.dir.clone()),
+                })
+            }
+            Err(e) => {
+                if let Some(pages) = finishing.taken.take() {
+                    self.dirty.give_back(pages);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Saves the VM into `out` (building on `parent` if given) with the
+    /// vCPUs stopped for the whole write, and leaves them paused (the
+    /// caller resumes them or ends the VM).
+    pub fn snapshot(&mut self, out: &Path, parent: Option<&Path>) -> Result<SnapshotReport, VmmError> {
+        let begun = self.begin_snapshot(out, parent, false)?;
+        self.finish_snapshot(begun.writer, begun.finishing)
     }
 }

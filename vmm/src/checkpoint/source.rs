@@ -16,7 +16,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use crate::vstate::memory::GuestMemoryMmap;
 
 use super::format::{BlockKind, Region};
 use super::reader::{ReadError, Reader};
@@ -518,7 +519,7 @@ mod tests {
 
     #[test]
     fn guest_memory_source_copies_out_guest_bytes() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+        let mem = GuestMemoryMmap::from_ranges(&[
             (GuestAddress(0), 0x2000),
             (GuestAddress(0x10_0000), 0x1000),
         ])

@@ -24,7 +24,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use userfaultfd::{Event, Uffd, UffdBuilder};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use crate::vstate::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::checkpoint::{BlockKind, Reader};
@@ -108,12 +109,15 @@ enum Control {
     LoadAll(Sender<Result<(), String>>),
     /// Pause or restart background prefetch.
     Prefetch(bool),
+    /// Say which blocks are in guest memory.
+    Resident(Sender<Option<Vec<bool>>>),
     /// End the handler thread.
     Stop,
 }
 
 /// The VMM's handle on the fault handler.
 pub struct LazyMemory {
+    reader: Arc<Reader>,
     control: Sender<Control>,
     wake: EventFd,
     stats: Arc<LoaderStats>,
@@ -174,7 +178,7 @@ impl LazyMemory {
             prefetch,
             uffd,
             regions,
-            reader,
+            reader: reader.clone(),
             stats: stats.clone(),
             started: Instant::now(),
         };
@@ -187,7 +191,7 @@ impl LazyMemory {
                 }
             })
             .map_err(UffdError::Spawn)?;
-        Ok(LazyMemory { control, wake, stats, thread: Some(thread) })
+        Ok(LazyMemory { reader, control, wake, stats, thread: Some(thread) })
     }
 
     /// The loader's counters.
@@ -203,6 +207,23 @@ impl LazyMemory {
         self.control.send(Control::LoadAll(tx)).map_err(|_| UffdError::HandlerGone)?;
         let _ = self.wake.write(1);
         rx.recv().map_err(|_| UffdError::HandlerGone)?.map_err(UffdError::Load)
+    }
+
+    /// The checkpoint memory is loaded from.
+    pub fn reader(&self) -> &Arc<Reader> {
+        &self.reader
+    }
+
+    /// Which checkpoint blocks are in guest memory now (by the reader's
+    /// block index); `None` once every data block is in and memory is
+    /// released, when all of memory is the guest's own. A block not in
+    /// holds exactly what the checkpoint holds: the guest cannot have
+    /// written it without faulting it in first.
+    pub fn resident(&self) -> Result<Option<Vec<bool>>, UffdError> {
+        let (tx, rx) = channel();
+        self.control.send(Control::Resident(tx)).map_err(|_| UffdError::HandlerGone)?;
+        let _ = self.wake.write(1);
+        rx.recv().map_err(|_| UffdError::HandlerGone)
     }
 
     /// Stops or restarts background prefetch.
@@ -290,6 +311,9 @@ impl Handler {
                         }
                     }
                     Ok(Control::Prefetch(on)) => self.prefetch = on,
+                    Ok(Control::Resident(reply)) => {
+                        let _ = reply.send((!self.released).then(|| self.loaded.clone()));
+                    }
                     Ok(Control::Stop) => return Ok(()),
                     Err(std::sync::mpsc::TryRecvError::Empty) => break,
                     // The VMM is gone; so is the guest.
@@ -511,7 +535,7 @@ mod tests {
         let options = WriterOptions { memory_block_size: BLOCK as u32, storage_block_size: 4 * BLOCK as u32, level: 1, threads: 1, parent_index_crc: None };
         write_checkpoint(&path, &ImageSource::new(vec![(0, &image[..])]), &options, &mut |_, _| {}).expect("writes");
         let reader = Arc::new(Reader::open(&path).expect("opens"));
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory");
         let (failures, failed) = channel();
         let lazy = LazyMemory::start(&mem, reader, prefetch, failures).expect("userfaultfd (run as root)");
         (dir, image, mem, lazy, failed)

@@ -14,10 +14,24 @@
 use std::io;
 use std::ptr;
 
+use std::num::NonZeroUsize;
+
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::GuestAddress;
 
 use crate::layout;
+
+/// Guest memory. Each region carries a bitmap of the 4 KiB pages written
+/// through vm-memory, i.e. by the VMM's own threads (virtio devices, the
+/// boot loader); KVM's dirty log covers what the guest writes. Together
+/// they are what [`super::dirty`] reports.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
+
+/// The page size of the dirty bitmaps.
+pub const PAGE_SIZE: usize = 4096;
 
 /// The host's transparent huge page size on x86_64.
 pub const HUGE_PAGE_SIZE: usize = 2 << 20;
@@ -81,8 +95,11 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError
         let addr = map_aligned(size).map_err(|e| MemoryError::Allocate(mib, e))?;
         // SAFETY: `addr` and `size` are exactly the mapping map_aligned just
         // made, which stays mapped for the life of the process.
-        let mapping = unsafe { MmapRegionBuilder::new(size).with_mmap_prot(PROT).with_mmap_flags(FLAGS).with_raw_mmap_pointer(addr) }
-            .build()
+        let mapping = unsafe {
+            MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::new(size, NonZeroUsize::MIN.saturating_add(PAGE_SIZE - 1)))
+                .with_mmap_prot(PROT).with_mmap_flags(FLAGS).with_raw_mmap_pointer(addr)
+        }
+        .build()
             .map_err(|e| MemoryError::Describe(mib, e.into()))?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(start))
             .ok_or(MemoryError::Describe(mib, vm_memory::mmap::FromRangesError::InvalidGuestRegion))?;

@@ -15,7 +15,8 @@ use kvm_bindings::{
 };
 use serde::{Deserialize, Serialize};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::vstate::memory::GuestMemoryMmap;
 
 use super::cpuid::filter_cpuid;
 use crate::devices::bus::{MmioBus, PioBus};

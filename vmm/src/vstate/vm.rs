@@ -6,9 +6,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{FromRawFd, IntoRawFd};
 use std::path::Path;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use crate::vstate::memory::GuestMemoryMmap;
 
 use crate::layout;
 
@@ -132,8 +133,10 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     Ok(vm)
 }
 
-/// Registers every region of `mem` as a KVM memory slot.
-pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+/// Registers every region of `mem` as a KVM memory slot (slot N is region
+/// N), with KVM's dirty page log on or off. Called again on registered
+/// slots, it only switches the log: KVM keeps the mappings.
+pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
         let host_addr = mem
@@ -144,7 +147,7 @@ pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> 
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host_addr as u64,
-            flags: 0,
+            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
         };
         // SAFETY: the host range belongs to `mem`, which the caller keeps
         // alive for as long as the VM runs.

@@ -77,7 +77,7 @@ impl VirtioDevice for Rng {
         let mut buf = Vec::new();
         while let Some(chain) = queue.pop_descriptor_chain(ctx.mem) {
             let head = chain.head_index();
-            let written = match Writer::<()>::new(ctx.mem, chain) {
+            let written = match Writer::new(ctx.mem, chain) {
                 Ok(mut writer) => {
                     let len = writer.available_bytes().min(MAX_BYTES_PER_REQUEST);
                     buf.resize(len, 0);
@@ -117,7 +117,8 @@ mod tests {
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
+    use crate::vstate::memory::GuestMemoryMmap;
 
     use super::super::test_utils::counting_interrupt;
     use super::*;

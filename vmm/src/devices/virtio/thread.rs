@@ -129,7 +129,8 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vm_memory::GuestAddress;
+    use crate::vstate::memory::GuestMemoryMmap;
 
     use super::super::test_utils::counting_interrupt;
     use super::super::{device_type, features, DeviceState, QueueContext, VirtioDevice};

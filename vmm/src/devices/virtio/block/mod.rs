@@ -324,7 +324,8 @@ mod tests {
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
+    use crate::vstate::memory::GuestMemoryMmap;
 
     use super::*;
     use crate::devices::virtio::test_utils::counting_interrupt;

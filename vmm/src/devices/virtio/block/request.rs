@@ -20,7 +20,9 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions, VolatileSlice};
+use vm_memory::bitmap::{AtomicBitmap, BS};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice};
+use crate::vstate::memory::GuestMemoryMmap;
 
 use super::image::SECTOR_SIZE;
 use super::{Block, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SERIAL_MAX_LEN};
@@ -232,7 +234,7 @@ fn guest_slices<'m>(
     mem: &'m GuestMemoryMmap,
     segments: &[Segment],
     access: Permissions,
-) -> Result<Vec<VolatileSlice<'m>>, RequestError> {
+) -> Result<Vec<VolatileSlice<'m, BS<'m, AtomicBitmap>>>, RequestError> {
     let mut slices = Vec::with_capacity(segments.len());
     for segment in segments {
         let outside = || RequestError::OutsideMemory { addr: segment.addr.raw_value(), len: segment.len };

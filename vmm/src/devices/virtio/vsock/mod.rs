@@ -384,7 +384,8 @@ mod tests {
 
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
-    use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Address, GuestAddress};
+    use crate::vstate::memory::GuestMemoryMmap;
 
     use super::packet::*;
     use super::*;

@@ -1,0 +1,460 @@
+//! Writing a VM's memory into a snapshot: what to read for each memory
+//! block, and the live writer.
+//!
+//! # What is read
+//!
+//! [`VmMemory`] is the checkpoint writer's view of a VM's memory at the
+//! pause instant. For each memory block it decides, without touching the
+//! memory when it can:
+//!
+//! - *in parent* (incremental snapshots): no page of the block changed since
+//!   the parent snapshot ([`crate::vstate::dirty`]);
+//! - *zero*: no page of the block was ever populated in the host process
+//!   (neither present nor swapped out in `/proc/self/pagemap`): the guest
+//!   never touched it, so it is zero, and reading it would only populate
+//!   zero pages. So a snapshot costs what the guest touched, not what it
+//!   was configured with;
+//! - *from the restore checkpoint*: in a VM lazily restored and not fully
+//!   resident yet, a block the loader has not brought in holds exactly what
+//!   the checkpoint it is restored from holds; it is read from there, never
+//!   through guest memory (which would fault it in);
+//! - otherwise the bytes in guest memory.
+//!
+//! # Live snapshots: why a forked writer
+//!
+//! A live snapshot must hold memory exactly as it was at the pause instant
+//! while the guest runs on. The writer runs in a child process forked
+//! during the pause: `fork` gives the child a copy-on-write view of the
+//! whole address space, guest memory included, frozen at that instant. When
+//! the guest (through KVM) or a device thread then writes a page, the
+//! kernel copies that 4 KiB page for the writer first — the copy-before-
+//! write the point-in-time guarantee needs, done by the kernel's own
+//! mechanism, for every writer at once, with nothing to arm on each block
+//! and nothing to track in the VMM.
+//!
+//! The alternative, userfaultfd write protection, needs a handler that
+//! copies each block out before letting the write through, a second
+//! registration mode on memory a lazy restore already serves from
+//! userfaultfd, and a workaround for never-populated pages on kernels
+//! without `UFFD_FEATURE_WP_UNPOPULATED` (which silently stay writable).
+//! Forking has none of these. Its costs: the pause includes copying the
+//! process's page tables (proportional to the memory the guest touched, not
+//! to its size), and the guest's first write to each page while the writer
+//! runs takes a copy fault, as with write protection. Memory in use grows by
+//! what the guest rewrites meanwhile, at most one copy of guest memory.
+//!
+//! The child only reads memory and writes the checkpoint file: it never
+//! logs (another thread may have held the logger's lock at the fork), never
+//! touches the VM's file descriptors, dies with the VMM (`PR_SET_PDEATHSIG`)
+//! so an interrupted snapshot leaves only a partial directory that restore
+//! refuses, and reports its result as one JSON line on a pipe.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::checkpoint::source::BlockHint;
+use crate::checkpoint::{
+    self, MemorySource, ReadError, Reader, ReaderOptions, Region, SourceError, WriteError, WriteStats, WriterOptions,
+};
+use crate::devices::virtio::block::image::copy_sparse;
+use crate::persist::{self, Identity, PersistError, SnapshotWriter, VirtioBackend};
+use crate::error_chain;
+use crate::vstate::dirty::DirtyPages;
+use crate::vstate::memory::{GuestMemoryMmap, PAGE_SIZE};
+
+/// A lazily restored VM's memory not loaded yet.
+pub(crate) struct NotResident {
+    /// The checkpoint the VM is restored from.
+    pub(crate) reader: Reader,
+    /// Per block of `reader`: whether it is in guest memory.
+    pub(crate) resident: Vec<bool>,
+}
+
+/// A VM's memory as a checkpoint source; see the module documentation.
+pub(crate) struct VmMemory {
+    mem: GuestMemoryMmap,
+    /// Per region: pages ever populated (present or swapped), once scanned.
+    touched: Option<Vec<Vec<u64>>>,
+    not_resident: Option<NotResident>,
+    /// For an incremental snapshot: pages changed since the parent.
+    changed: Option<DirtyPages>,
+}
+
+impl VmMemory {
+    pub(crate) fn new(mem: GuestMemoryMmap, not_resident: Option<NotResident>, changed: Option<DirtyPages>) -> Self {
+        VmMemory { mem, touched: None, not_resident, changed }
+    }
+
+    /// Reads which pages of guest memory were ever populated, from
+    /// `/proc/self/pagemap`. Without it every block is read.
+    pub(crate) fn scan_touched(&mut self) -> std::io::Result<()> {
+        let pagemap = File::open("/proc/self/pagemap")?;
+        let mut touched = Vec::new();
+        for region in self.mem.iter() {
+            let host = self
+                .mem
+                .get_host_address(region.start_addr())
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))? as u64;
+            touched.push(populated_pages(&pagemap, host, region.len())?);
+        }
+        self.touched = Some(touched);
+        Ok(())
+    }
+
+    fn region_start(&self, region: usize) -> Option<u64> {
+        self.mem.iter().nth(region).map(|r| r.start_addr().0)
+    }
+
+    /// The restore checkpoint's blocks overlapping `gpa .. gpa + len`
+    /// that are not in guest memory.
+    fn not_loaded(&self, gpa: u64, len: usize) -> impl Iterator<Item = usize> + '_ {
+        let blocks = self.not_resident.as_ref().map(|nr| {
+            let first = nr.reader.block_of(gpa);
+            let last = nr.reader.block_of(gpa + len as u64 - 1);
+            match (first, last) {
+                (Some(a), Some(b)) => (a..=b).filter(|&i| !nr.resident.get(i).copied().unwrap_or(true)).collect(),
+                _ => Vec::new(),
+            }
+        });
+        blocks.into_iter().flatten()
+    }
+}
+
+/// Bit per page of `len` bytes at host address `host`: set when the page is
+/// present or swapped out (pagemap bits 63 and 62).
+fn populated_pages(pagemap: &File, host: u64, len: u64) -> std::io::Result<Vec<u64>> {
+    const CHUNK: usize = 64 << 10;
+    let pages = (len as usize).div_ceil(PAGE_SIZE);
+    let mut bits = vec![0u64; pages.div_ceil(64)];
+    let mut buf = vec![0u8; CHUNK * 8];
+    let mut page = 0;
+    while page < pages {
+        let n = CHUNK.min(pages - page);
+        let at = (host / PAGE_SIZE as u64 + page as u64) * 8;
+        pagemap.read_exact_at(&mut buf[..n * 8], at)?;
+        for (i, entry) in buf[..n * 8].chunks_exact(8).enumerate() {
+            let e = u64::from_le_bytes(entry.try_into().unwrap_or_default());
+            if e & (3 << 62) != 0 {
+                let p = page + i;
+                bits[p / 64] |= 1 << (p % 64);
+            }
+        }
+        page += n;
+    }
+    Ok(bits)
+}
+
+fn any_bit(bits: &[u64], offset: u64, len: usize) -> bool {
+    let first = (offset / PAGE_SIZE as u64) as usize;
+    let last = ((offset + len as u64).saturating_sub(1) / PAGE_SIZE as u64) as usize;
+    (first..=last).any(|p| bits.get(p / 64).is_none_or(|w| w & (1 << (p % 64)) != 0))
+}
+
+impl MemorySource for VmMemory {
+    fn regions(&self) -> Vec<Region> {
+        self.mem.regions()
+    }
+
+    fn hint(&self, region: usize, offset: u64, len: usize) -> BlockHint {
+        if let Some(changed) = &self.changed {
+            if !changed.any(region, offset, len) {
+                return BlockHint::Parent;
+            }
+        }
+        let Some(start) = self.region_start(region) else { return BlockHint::Read };
+        if self.not_loaded(start + offset, len).next().is_some() {
+            return BlockHint::Read;
+        }
+        match self.touched.as_ref().and_then(|t| t.get(region)) {
+            Some(bits) if !any_bit(bits, offset, len) => BlockHint::Zero,
+            _ => BlockHint::Read,
+        }
+    }
+
+    fn block<'a>(
+        &'a self,
+        region: usize,
+        offset: u64,
+        len: usize,
+        scratch: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8], SourceError> {
+        let start = self.region_start(region).ok_or(SourceError::CheckRange { region, offset, end: offset })?;
+        let gpa = start + offset;
+        let missing: Vec<usize> = self.not_loaded(gpa, len).collect();
+        let Some(nr) = self.not_resident.as_ref().filter(|_| !missing.is_empty()) else {
+            return self.mem.block(region, offset, len, scratch);
+        };
+        // Some of it is still only in the restore checkpoint: the resident
+        // part from memory, the rest from the checkpoint.
+        self.mem.block(region, offset, len, scratch)?;
+        let mut buf = Vec::new();
+        for block in missing {
+            let info = nr
+                .reader
+                .block_info(block)
+                .ok_or(SourceError::CheckRange { region, offset, end: offset + len as u64 })?;
+            buf.resize(info.len, 0);
+            let data = nr.reader.read_block(block, &mut buf).map_err(|e| SourceError::ReadImage {
+                offset: info.guest_addr,
+                source: std::io::Error::other(error_chain(&e)),
+            })?;
+            // The overlap of the restore block and this one.
+            let from = info.guest_addr.max(gpa);
+            let to = (info.guest_addr + info.len as u64).min(gpa + len as u64);
+            let src = &data[(from - info.guest_addr) as usize..(to - info.guest_addr) as usize];
+            scratch[(from - gpa) as usize..(to - gpa) as usize].copy_from_slice(src);
+        }
+        Ok(&scratch[..len])
+    }
+}
+
+/// A memory write running in a child process.
+pub(crate) struct ChildWriter {
+    pid: libc::pid_t,
+    result: OwnedFd,
+}
+
+/// Forks a child that writes `source` to `path` as a checkpoint and exits.
+/// Call it with the vCPUs paused and the device threads held: the child
+/// sees memory as it is at this instant.
+pub(crate) fn fork_writer(path: PathBuf, mut source: VmMemory, options: WriterOptions) -> std::io::Result<ChildWriter> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 fills the two-element array on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned here only.
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: fork has no memory-safety preconditions; the child below
+    // only runs code that takes no lock another thread may have held (see
+    // the module documentation) and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        drop(read_end);
+        // SAFETY: prctl and getppid have no memory-safety preconditions.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::getppid() != parent {
+                libc::_exit(3);
+            }
+        }
+        log::set_max_level(log::LevelFilter::Off);
+        let line = match source.scan_touched().map_err(|e| format!("cannot read /proc/self/pagemap: {e}")).and_then(|()| {
+            checkpoint::write_checkpoint(&path, &source, &options, &mut |_, _| {}).map_err(|e| error_chain(&e))
+        }) {
+            Ok(stats) => serde_json::json!({ "ok": stats_to_json(&stats) }),
+            Err(msg) => serde_json::json!({ "error": msg }),
+        };
+        let mut out = File::from(write_end);
+        let code = i32::from(out.write_all(line.to_string().as_bytes()).is_err() || line.get("error").is_some());
+        // SAFETY: leaving the child without running the parent's
+        // destructors or exit handlers.
+        unsafe { libc::_exit(code) }
+    }
+    drop(write_end);
+    Ok(ChildWriter { pid, result: read_end })
+}
+
+impl ChildWriter {
+    /// The child's process id.
+    pub(crate) fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
+    /// Waits for the child to end; its figures, or why it failed.
+    pub(crate) fn wait(self) -> Result<WriteStats, String> {
+        let mut text = String::new();
+        let read = File::from(self.result).read_to_string(&mut text);
+        let mut status = 0;
+        loop {
+            // SAFETY: waits for our own child; `status` is a valid out
+            // pointer.
+            let rc = unsafe { libc::waitpid(self.pid, &mut status, 0) };
+            if rc >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                break;
+            }
+        }
+        let how = if libc::WIFSIGNALED(status) {
+            format!("was killed by signal {}", libc::WTERMSIG(status))
+        } else {
+            format!("exited with status {}", libc::WEXITSTATUS(status))
+        };
+        if let Err(e) = read {
+            return Err(format!("cannot read the memory writer's result: {e}"));
+        }
+        let value: serde_json::Value = serde_json::from_str(text.trim())
+            .map_err(|_| format!("the memory writer process {} {how} without a result", self.pid))?;
+        if let Some(msg) = value.get("error").and_then(|m| m.as_str()) {
+            return Err(msg.to_owned());
+        }
+        value.get("ok").and_then(stats_from_json).ok_or_else(|| format!("the memory writer process {} {how} with a garbled result", self.pid))
+    }
+}
+
+fn stats_to_json(s: &WriteStats) -> serde_json::Value {
+    serde_json::json!([
+        s.zero_blocks,
+        s.raw_blocks,
+        s.zstd_blocks,
+        s.parent_blocks,
+        s.storage_blocks,
+        s.bytes_in,
+        s.bytes_stored,
+        s.file_bytes,
+        s.elapsed.as_nanos() as u64,
+    ])
+}
+
+fn stats_from_json(v: &serde_json::Value) -> Option<WriteStats> {
+    let n: Vec<u64> = v.as_array()?.iter().map(serde_json::Value::as_u64).collect::<Option<_>>()?;
+    let [zero_blocks, raw_blocks, zstd_blocks, parent_blocks, storage_blocks, bytes_in, bytes_stored, file_bytes, nanos] =
+        n[..]
+    else {
+        return None;
+    };
+    Some(WriteStats {
+        zero_blocks,
+        raw_blocks,
+        zstd_blocks,
+        parent_blocks,
+        storage_blocks,
+        bytes_in,
+        bytes_stored,
+        file_bytes,
+        elapsed: Duration::from_nanos(nanos),
+    })
+}
+
+/// Errors of `stasis snapshot flatten`.
+#[derive(Debug, thiserror::Error)]
+pub enum FlattenError {
+    /// Snapshot files.
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    /// The memory chain could not be opened.
+    #[error("cannot open the memory checkpoints of {}", .0.display())]
+    Open(PathBuf, #[source] ReadError),
+    /// The merged memory checkpoint could not be written.
+    #[error("cannot write the merged memory checkpoint")]
+    Write(#[source] WriteError),
+    /// A disk could not be copied.
+    #[error("cannot copy disk {} into the new snapshot", .0.display())]
+    CopyDisk(PathBuf, #[source] std::io::Error),
+    /// The output is one of the snapshots being merged.
+    #[error("{} is part of the chain being merged; choose another --out", .0.display())]
+    OutputInChain(PathBuf),
+}
+
+/// Merges the snapshot in `dir` and the parents it builds on into one
+/// self-contained snapshot in `out` (a new snapshot id, the same VM id);
+/// returns a one-line JSON summary.
+pub fn flatten_snapshot(dir: &Path, out: &Path) -> Result<String, FlattenError> {
+    let snapshot = persist::open_snapshot(dir)?;
+    let chain = persist::snapshot_chain(dir, &snapshot.manifest, &snapshot.memory_path)?;
+    if let Ok(target) = out.canonicalize() {
+        if chain.iter().any(|layer| layer.dir.canonicalize().ok().as_ref() == Some(&target)) {
+            return Err(FlattenError::OutputInChain(out.to_path_buf()));
+        }
+    }
+    let layers: Vec<PathBuf> = chain.iter().map(|layer| layer.memory_path.clone()).collect();
+    let reader = Reader::open_chain(&layers, ReaderOptions::default()).map_err(|e| FlattenError::Open(dir.to_path_buf(), e))?;
+    let writer = SnapshotWriter::create(out)?;
+    let options = WriterOptions {
+        memory_block_size: reader.header().memory_block_size,
+        storage_block_size: reader.header().storage_block_size,
+        ..Default::default()
+    };
+    let stats = checkpoint::flatten(&reader, &writer.memory_path(), &options, &mut |_, _| {}).map_err(FlattenError::Write)?;
+    let vm_id = snapshot.manifest.vm_id.clone();
+    let sources: Vec<PathBuf> = snapshot
+        .state
+        .virtio
+        .iter()
+        .filter_map(|saved| match &saved.backend {
+            VirtioBackend::Block { file, .. } => Some(snapshot.file(dir, file)),
+            _ => None,
+        })
+        .collect::<Result<_, _>>()?;
+    let mut state = snapshot.state;
+    let mut disks = 0;
+    for saved in &mut state.virtio {
+        if let VirtioBackend::Block { file, .. } = &mut saved.backend {
+            let from = sources[disks].clone();
+            let (name, to) = writer.disk_path(disks);
+            disks += 1;
+            File::open(&from)
+                .and_then(|f| copy_sparse(&f, &to))
+                .map_err(|e| FlattenError::CopyDisk(from.clone(), e))?;
+            *file = name;
+        }
+    }
+    writer.write_state(&state)?;
+    let identity = Identity { id: persist::new_id(), vm_id, parent: None };
+    let done = writer.commit(&state.machine, &identity)?;
+    Ok(serde_json::json!({
+        "dir": done.display().to_string(),
+        "layers": chain.len(),
+        "memory_bytes": stats.bytes_in,
+        "memory_file_bytes": stats.file_bytes,
+        "disks": disks,
+    })
+    .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    #[test]
+    fn untouched_memory_is_zero_without_reading_and_written_memory_is_read() {
+        let mem = crate::vstate::memory::create_guest_memory(8 << 20).expect("memory");
+        mem.write_obj(0xabu8, GuestAddress(3 << 20)).expect("write");
+        let mut source = VmMemory::new(mem, None, None);
+        source.scan_touched().expect("pagemap");
+        assert_eq!(source.hint(0, 0, 64 << 10), BlockHint::Zero);
+        assert_eq!(source.hint(0, 3 << 20, 64 << 10), BlockHint::Read);
+    }
+
+    #[test]
+    fn unchanged_blocks_are_left_in_the_parent() {
+        let mem = crate::vstate::memory::create_guest_memory(8 << 20).expect("memory");
+        let mut changed = DirtyPages::none(&mem);
+        changed.insert(0, (1 << 20) / PAGE_SIZE as u64 + 3);
+        let source = VmMemory::new(mem, None, Some(changed));
+        assert_eq!(source.hint(0, 0, 64 << 10), BlockHint::Parent);
+        assert_eq!(source.hint(0, 1 << 20, 64 << 10), BlockHint::Read, "a block with one changed page is written");
+    }
+
+    #[test]
+    fn a_forked_writer_saves_memory_as_it_was_at_the_fork() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("memory.ckpt");
+        let mem = crate::vstate::memory::create_guest_memory(4 << 20).expect("memory");
+        mem.write_slice(&[7u8; 8192], GuestAddress(1 << 20)).expect("write");
+        let source = VmMemory::new(mem.clone(), None, None);
+        let child = fork_writer(path.clone(), source, WriterOptions::default()).expect("fork");
+        // Written after the fork: the checkpoint must not see it.
+        mem.write_slice(&[9u8; 8192], GuestAddress(1 << 20)).expect("write");
+        let stats = child.wait().expect("child wrote the checkpoint");
+        assert_eq!(stats.bytes_in, 4 << 20);
+        let reader = Reader::open(&path).expect("opens");
+        let block = reader.block_of(1 << 20).expect("block");
+        let mut buf = vec![0u8; 64 << 10];
+        let data = reader.read_block(block, &mut buf).expect("read");
+        assert!(data[..8192].iter().all(|&b| b == 7), "the checkpoint holds memory from after the fork");
+        assert_eq!(stats.zero_blocks as usize, reader.block_count() - 1, "untouched blocks are zero");
+    }
+}
