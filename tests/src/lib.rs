@@ -50,6 +50,53 @@ pub fn snapshot(sock: &Path, out: &Path, then: &str) -> String {
     stdout
 }
 
+/// `stasis snapshot --api-sock SOCK --out OUT EXTRA…` (EXTRA: `--then`,
+/// `--parent`, `--stop-the-world`, …); checks it succeeded and returns its
+/// reply, parsed. The reply is printed, for the test's log.
+pub fn snapshot_json(sock: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
+    let (status, stdout, stderr) = try_snapshot(sock, out, extra);
+    assert!(status.success(), "snapshot {extra:?} failed ({status}): {stderr}{stdout}");
+    eprintln!("snapshot {extra:?}: {}", stdout.trim());
+    let reply: serde_json::Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("snapshot reply is not JSON ({e}): {stdout}"));
+    // (The client prints the reply without its "ok": its exit status says.)
+    assert!(reply["snapshot"].is_object(), "reply has no \"snapshot\" object: {stdout}");
+    reply
+}
+
+/// `stasis snapshot --api-sock SOCK --out OUT EXTRA…`, whatever its
+/// outcome: exit status, stdout, stderr.
+pub fn try_snapshot(sock: &Path, out: &Path, extra: &[&str]) -> (ExitStatus, String, String) {
+    let output = Command::new(stasis_bin())
+        .args(["snapshot", "--api-sock"])
+        .arg(sock)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("stasis snapshot runs");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `stasis status --api-sock SOCK`; checks it succeeded and returns the
+/// reply, parsed.
+pub fn status_json(sock: &Path) -> serde_json::Value {
+    let output = Command::new(stasis_bin())
+        .args(["status", "--api-sock"])
+        .arg(sock)
+        .stdin(Stdio::null())
+        .output()
+        .expect("stasis status runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "stasis status: {}{stdout}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("status reply is not JSON ({e}): {stdout}"))
+}
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -359,6 +406,21 @@ impl Guest {
         assert!(status.success(), "exit status {status} after poweroff; output:\n{output}");
         assert!(!output.contains("stasis: error"), "{output}");
         output
+    }
+
+    /// Kills the VMM with SIGKILL, as a crash would, and returns how it
+    /// ended and everything it printed. Only under the direct runner, where
+    /// the process is the VMM itself (tests run their body in the test host
+    /// with that runner; see [`run_in_kvm_host`]).
+    pub fn kill_vmm(mut self) -> (ExitStatus, String) {
+        assert_eq!(runner(), Runner::Direct, "kill_vmm needs the VMM as this process's child");
+        let child = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
+        // An error means it has already ended; wait tells how.
+        let _ = child.kill();
+        let status = child.wait().unwrap_or_else(|e| panic!("cannot wait for the VMM: {e}"));
+        drop(self.stdin.take());
+        self.wait_closed(Duration::from_secs(10));
+        (status, self.output())
     }
 
     /// Waits for the process to end within `timeout`; kills it otherwise
