@@ -6,9 +6,13 @@
 //!
 //! A program calls [`start`] once its options are parsed and [`finish`] at
 //! the end; between them every measurement runs under [`guarded`] and
-//! prints its line with [`emit`].
+//! prints its line with [`emit`]. Below those: running a tool to its end
+//! ([`run_tool`]), reading flat JSON replies ([`json_field`]) and a
+//! minimal QMP client ([`Qmp`]) for QEMU's side of the comparisons.
 
 use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -355,4 +359,174 @@ pub fn version_of(bin: &Path) -> Res<String> {
         return Err(format!("{} --version failed: {}", bin.display(), String::from_utf8_lossy(&out.stderr).trim()));
     }
     Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").trim().to_string())
+}
+
+// ---- Tools, files and replies -----------------------------------------------------
+
+/// A JSON field's raw value after `"key":` (a number, `null`, or a string
+/// without its quotes). Enough for the flat replies the benchmarks read.
+pub fn json_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let needle = format!("\"{key}\"");
+    let at = text.find(&needle)? + needle.len();
+    let rest = text[at..].trim_start().strip_prefix(':')?.trim_start();
+    if let Some(s) = rest.strip_prefix('"') {
+        return s.find('"').map(|end| &s[..end]);
+    }
+    let end = rest.find([',', '}', ']']).unwrap_or(rest.len());
+    Some(rest[..end].trim())
+}
+
+pub fn json_num(text: &str, key: &str) -> Option<f64> {
+    json_field(text, key)?.parse().ok()
+}
+
+pub fn json_int(text: &str, key: &str) -> Option<u64> {
+    json_field(text, key)?.parse().ok()
+}
+
+/// The text of the object after `"key":`, braces included, so that
+/// [`json_field`] reads its fields and not same-named ones around it.
+/// Braces inside strings are not expected in the replies read here.
+pub fn json_object<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let needle = format!("\"{key}\"");
+    let at = text.find(&needle)? + needle.len();
+    let rest = text[at..].trim_start().strip_prefix(':')?.trim_start();
+    if !rest.starts_with('{') {
+        return None;
+    }
+    let mut depth = 0usize;
+    for (i, c) in rest.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(&rest[..=i]);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Total size of the regular files in `dir`.
+pub fn dir_bytes(dir: &Path) -> Res<u64> {
+    let mut total = 0;
+    for entry in fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))? {
+        let meta = entry.and_then(|e| e.metadata()).map_err(|e| format!("cannot stat in {}: {e}", dir.display()))?;
+        if meta.is_file() {
+            total += meta.len();
+        }
+    }
+    Ok(total)
+}
+
+/// Runs `cmd` to its end, at most `timeout` (then kills it); returns its
+/// wall time and stdout, or an error with its stderr when it failed.
+pub fn run_tool(cmd: &mut Command, timeout: Duration) -> Res<(Duration, String)> {
+    let what = format!("{cmd:?}");
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let t = Instant::now();
+    let child = cmd.spawn().map_err(|e| format!("cannot start {what}: {e}"))?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(timeout) {
+        Ok(out) => out.map_err(|e| format!("{what}: {e}"))?,
+        Err(_) => {
+            // It is our own child: end it by its id.
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            return Err(format!("{what} took longer than {timeout:?}"));
+        }
+    };
+    let elapsed = t.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("{what} failed ({}): {}", out.status, stderr.trim()));
+    }
+    Ok((elapsed, stdout))
+}
+
+/// Waits, at most `timeout`, until `path` exists.
+pub fn wait_for_path(path: &Path, timeout: Duration) -> Res<()> {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if Instant::now() >= deadline {
+            return Err(format!("{} did not appear within {timeout:?}", path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+// ---- QMP --------------------------------------------------------------------------
+
+/// A minimal QMP (QEMU's machine protocol) client: one command a line,
+/// replies read past the events.
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    /// Connects to the QMP socket of `guest` (a QEMU started with `-qmp
+    /// unix:PATH,server=on,wait=off`), retrying for `timeout`, and leaves
+    /// capabilities negotiation.
+    pub fn connect(path: &Path, guest: &Guest, timeout: Duration) -> Res<Qmp> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!(
+                        "cannot connect to QMP at {}: {e}; QEMU's output: {}",
+                        path.display(),
+                        last_chars(&guest.output(), 300)
+                    ))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
+        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut qmp = Qmp { reader: BufReader::new(stream), writer };
+        let greeting = qmp.line()?;
+        if !greeting.contains("\"QMP\"") {
+            return Err(format!("unexpected QMP greeting: {greeting}"));
+        }
+        qmp.execute(r#"{"execute":"qmp_capabilities"}"#)?;
+        Ok(qmp)
+    }
+
+    fn line(&mut self) -> Res<String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err("QMP connection closed".into()),
+            Ok(_) => Ok(line),
+            Err(e) => Err(format!("reading QMP: {e}")),
+        }
+    }
+
+    /// Sends one command; returns its `return` line or its error.
+    pub fn execute(&mut self, command: &str) -> Res<String> {
+        self.writer
+            .write_all(format!("{command}\n").as_bytes())
+            .map_err(|e| format!("writing QMP: {e}"))?;
+        loop {
+            let line = self.line()?;
+            if line.contains("\"event\"") {
+                continue;
+            }
+            if line.contains("\"error\"") {
+                return Err(format!("QMP {command} failed: {}", line.trim()));
+            }
+            if line.contains("\"return\"") {
+                return Ok(line);
+            }
+        }
+    }
 }
