@@ -113,6 +113,7 @@ fn record_arrivals(guest: &Guest, stop: &AtomicBool) -> Vec<(u64, f64, Instant)>
 
 /// What `stasis-stamp` answered to one SIGUSR1.
 #[derive(Debug)]
+#[derive(Clone)]
 struct StampCheck {
     line: String,
     ok: bool,
@@ -303,9 +304,24 @@ fn live_snapshot_holds_memory_as_it_was_at_the_pause() {
         resumed[0]
     );
     assert!(resumed.windows(2).all(|w| w[1] == w[0] + 1), "restored ticker not consecutive: {resumed:?}");
-    let check = stamp_check(&mut guest, pid);
+    // stasis-stamp checks each page just before it overwrites it; once it
+    // has written one whole generation since the restore, every page was
+    // checked as the snapshot held it.
+    let first = stamp_check(&mut guest, pid);
+    let deadline = std::time::Instant::now() + CHECK_TIMEOUT;
+    let mut check = first.clone();
+    while check.ok && check.progress() < first.progress() + first.pages && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_secs(2));
+        check = stamp_check(&mut guest, pid);
+    }
     let output = guest.poweroff();
     assert!(check.ok, "the restored memory is not one instant's: {}; output:\n{output}", check.line);
+    assert!(
+        check.progress() >= first.progress() + first.pages,
+        "stasis-stamp did not rewrite its whole buffer after the restore within {CHECK_TIMEOUT:?}: {} then {}",
+        first.line,
+        check.line
+    );
     assert!(check.gen >= 1, "{}", check.line);
     assert!(
         check.progress() >= before.progress(),

@@ -82,18 +82,27 @@ fn damaged_snapshots_are_refused() {
     let alive = guest.query("ALIVE", "echo ALIVE=$((1+1))");
     assert_eq!(alive, "2");
 
-    let out = Command::new(stasis_bin())
-        .args(["snapshot", "--api-sock"])
-        .arg(&sock)
-        .arg("--out")
-        .arg(&good)
-        .args(["--then", "exit"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("stasis snapshot runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // `good`, a live full snapshot, then `child`, an incremental one on
+    // top of it, and the VM ends.
+    let snap = |out: &Path, extra: &[&str]| {
+        let out = Command::new(stasis_bin())
+            .args(["snapshot", "--api-sock"])
+            .arg(&sock)
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .expect("stasis snapshot runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    snap(&good, &[]);
+    let child = dir.path().join("child");
+    snap(&child, &["--then", "exit", "--parent", good.to_str().expect("utf-8")]);
     let (status, output) = guest.wait_exit(EXIT_TIMEOUT);
     assert!(status.success(), "{status}\n{output}");
+
+    refuse_broken_chains(dir.path(), &good, &child);
 
     // A state file with a flipped bit.
     let bad_state = dir.path().join("bad-state");
@@ -142,4 +151,44 @@ fn damaged_snapshots_are_refused() {
     // zero; the message names it and where it failed.
     assert!(line.contains("cannot load memory block "), "error does not name the block: {line}");
     eprintln!("stopped as expected: {line}");
+}
+
+/// An incremental snapshot whose chain is broken is refused before
+/// anything runs: its parent missing, replaced by another snapshot,
+/// damaged, or parent links that loop.
+fn refuse_broken_chains(root: &Path, good: &Path, child: &Path) {
+    // Copies of the pair in `name/`: the child names its parent `../good`.
+    let pair = |name: &str| {
+        let base = root.join(name);
+        copy_dir(good, &base.join("good"));
+        copy_dir(child, &base.join("child"));
+        base
+    };
+    let manifest = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).expect("read")).expect("json")
+    };
+    let write_manifest = |dir: &Path, value: &serde_json::Value| {
+        std::fs::write(dir.join("manifest.json"), value.to_string()).expect("write");
+    };
+
+    let lonely = root.join("lonely");
+    copy_dir(child, &lonely.join("child"));
+    assert_restore_refused(&lonely.join("child"), "is missing");
+
+    let swapped = pair("swapped");
+    let mut m = manifest(&swapped.join("good"));
+    m["id"] = "0123456789abcdef0123456789abcdef".into();
+    write_manifest(&swapped.join("good"), &m);
+    assert_restore_refused(&swapped.join("child"), "is not its parent");
+
+    let damaged = pair("damaged");
+    flip(&damaged.join("good").join("memory.ckpt"), -100);
+    assert_restore_refused(&damaged.join("child"), "memory.ckpt");
+
+    let looped = pair("looped");
+    let child_id = manifest(&looped.join("child"))["id"].clone();
+    let mut m = manifest(&looped.join("good"));
+    m["parent"] = serde_json::json!({ "id": child_id, "dir": "../child", "index_crc": 0 });
+    write_manifest(&looped.join("good"), &m);
+    assert_restore_refused(&looped.join("child"), "cycle");
 }

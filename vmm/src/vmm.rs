@@ -254,7 +254,7 @@ pub struct SnapshotReport {
     pub paused_for: Duration,
     /// From the request until the directory was durable.
     pub total: Duration,
-    /// The parent, as the manifest names it, for an incremental snapshot.
+    /// The parent directory as requested, for an incremental snapshot.
     pub parent: Option<PathBuf>,
 }
 
@@ -272,6 +272,8 @@ pub(crate) struct LatestSnapshot {
 /// A snapshot whose vCPUs ran again, still to be finished.
 struct Finishing {
     identity: Identity,
+    /// The parent directory as requested.
+    parent_dir: Option<PathBuf>,
     state: SnapshotState,
     /// The changed pages taken at the pause, given back if it fails.
     taken: Option<DirtyPages>,
@@ -728,19 +730,27 @@ impl Vmm {
         if self.pending.is_some() {
             return Err(VmmError::Busy);
         }
+        let parent_dir = parent;
         let parent = parent.map(|p| self.check_parent(p, out)).transpose()?;
         let writer = SnapshotWriter::create(out)?;
         let identity = Identity { id: persist::new_id(), vm_id: self.vm_id.clone(), parent };
         let started = Instant::now();
+        // Tracking starts with a booted VM's first snapshot, before its
+        // pause: switching KVM's log on write-protects (and splits) the
+        // guest's mappings, work the guest need not be stopped for. What
+        // the guest writes until the pause is logged too, and taken below.
+        if !self.dirty.is_on() {
+            self.dirty.start(&self.vm, &self.mem)?;
+        }
         let was_paused = self.paused;
         self.pause()?;
-        // Tracking starts with a booted VM's first snapshot; after that,
-        // every snapshot takes the pages changed since the one before.
-        let taken = if self.dirty.is_on() {
-            Some(self.dirty.take(&self.vm, &self.mem)?)
-        } else {
-            self.dirty.start(&self.vm, &self.mem)?;
-            None
+        // Every snapshot takes the pages changed since the one before.
+        let taken = match self.dirty.take(&self.vm, &self.mem) {
+            Ok(pages) => Some(pages),
+            Err(e) => {
+                self.resume_unless(was_paused);
+                return Err(e.into());
+            }
         };
         let changed = if identity.parent.is_some() { taken.clone() } else { None };
         match self.capture(&writer, identity.parent.as_ref(), changed, live, was_paused) {
@@ -749,6 +759,7 @@ impl Vmm {
                 child,
                 finishing: Finishing {
                     identity,
+                    parent_dir: parent_dir.map(Path::to_path_buf),
                     state,
                     taken,
                     disks,
@@ -761,7 +772,19 @@ impl Vmm {
                 if let Some(pages) = taken {
                     self.dirty.give_back(pages);
                 }
+                // A failed snapshot must not leave a running guest stopped.
+                self.resume_unless(was_paused);
                 Err(e)
+            }
+        }
+    }
+
+    /// Resumes the vCPUs unless they were paused before (by the user);
+    /// a failure is logged, since the caller is reporting another error.
+    fn resume_unless(&mut self, was_paused: bool) {
+        if !was_paused {
+            if let Err(e) = self.resume() {
+                log::error!("cannot resume the guest: {}", error_chain(&e));
             }
         }
     }
@@ -864,7 +887,7 @@ impl Vmm {
                     disk_bytes_copied: finishing.disks.1,
                     paused_for: finishing.paused_for,
                     total: finishing.started.elapsed(),
-                    parent: finishing.identity.parent.as_ref().map(|p| p.dir.clone()),
+                    parent: finishing.parent_dir.clone(),
                 })
             }
             Err(e) => {

@@ -28,7 +28,8 @@ pub enum CheckpointCommand {
     /// blocks by kind, stored bytes, compression ratio; for a layered file
     /// its parent's index checksum, and with --parent the chain.
     Inspect {
-        /// The checkpoint file.
+        /// The checkpoint file, or a snapshot directory: then its memory
+        /// checkpoint and the chain of parents its manifest names.
         file: PathBuf,
         /// Its parent checkpoint, then that one's parent, and so on.
         #[arg(long = "parent", value_name = "PARENT")]
@@ -40,7 +41,7 @@ pub enum CheckpointCommand {
     /// Check every block's checksum; fail naming the first bad block. A
     /// layered file given without --parent has only its own blocks checked.
     Verify {
-        /// The checkpoint file.
+        /// The checkpoint file, or a snapshot directory (as for inspect).
         file: PathBuf,
         /// Its parent checkpoint, then that one's parent, and so on.
         #[arg(long = "parent", value_name = "PARENT")]
@@ -108,6 +109,9 @@ pub enum CheckpointCommand {
 /// Errors of the checkpoint subcommands.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    /// A snapshot directory's chain could not be followed.
+    #[error("cannot follow the snapshot's chain")]
+    Snapshot(#[source] crate::persist::PersistError),
     /// `inspect` could not read the checkpoint.
     #[error("cannot inspect checkpoint")]
     Inspect(#[source] ReadError),
@@ -448,6 +452,21 @@ fn verify(out: &mut dyn Write, file: &Path, parents: &[PathBuf]) -> Result<(), C
     }
 }
 
+/// A snapshot directory (one with a manifest, given without `--parent`)
+/// stands for its memory checkpoint and those of the parents its
+/// manifest chain names; anything else is passed through.
+fn snapshot_layers(file: PathBuf, parents: Vec<PathBuf>) -> Result<(PathBuf, Vec<PathBuf>), CliError> {
+    if !parents.is_empty() || !file.join(crate::persist::MANIFEST_FILE).is_file() {
+        return Ok((file, parents));
+    }
+    let snapshot = crate::persist::open_snapshot(&file).map_err(CliError::Snapshot)?;
+    let chain = crate::persist::snapshot_chain(&file, &snapshot.manifest, &snapshot.memory_path)
+        .map_err(CliError::Snapshot)?;
+    let mut paths = chain.into_iter().map(|layer| layer.memory_path);
+    let top = paths.next().unwrap_or(snapshot.memory_path);
+    Ok((top, paths.collect()))
+}
+
 /// Runs one checkpoint subcommand, reporting to stdout.
 pub fn run(cmd: CheckpointCommand) -> Result<(), CliError> {
     let stdout = std::io::stdout();
@@ -463,6 +482,7 @@ pub fn run_to(cmd: CheckpointCommand, out: &mut dyn Write) -> Result<(), CliErro
             parents,
             json,
         } => {
+            let (file, parents) = snapshot_layers(file, parents)?;
             let reader = open_chain(&file, &parents).map_err(CliError::Inspect)?;
             let summary = reader.summary();
             if json {
@@ -472,7 +492,10 @@ pub fn run_to(cmd: CheckpointCommand, out: &mut dyn Write) -> Result<(), CliErro
                 write_summary(out, &file, &summary).map_err(CliError::WriteStdout)
             }
         }
-        CheckpointCommand::Verify { file, parents } => verify(out, &file, &parents),
+        CheckpointCommand::Verify { file, parents } => {
+            let (file, parents) = snapshot_layers(file, parents)?;
+            verify(out, &file, &parents)
+        }
         CheckpointCommand::Flatten {
             file,
             parents,

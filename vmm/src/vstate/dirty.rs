@@ -17,8 +17,9 @@
 //! because those pages equal the snapshot they came from.
 //!
 //! KVM's log is switched on when the VM gets its first snapshot to be
-//! relative to: at a restore (before any vCPU runs), or during the pause of
-//! the first snapshot of a booted VM. Until then there is nothing an
+//! relative to: at a restore (before any vCPU runs), or just before the
+//! pause of the first snapshot of a booted VM (writes in between are logged
+//! and taken in the pause). Until then there is nothing an
 //! incremental snapshot could build on, and a booting guest keeps KVM's
 //! 2 MiB mappings (logging makes KVM map memory in 4 KiB pages so it can
 //! see each first write).

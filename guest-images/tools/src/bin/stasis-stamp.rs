@@ -30,6 +30,17 @@
 //! STAMP BAD header: …
 //! ```
 //!
+//! The SIGUSR1 check looks at memory when the signal comes, which after a
+//! restore may be after the restored program rewrote part of the buffer.
+//! So the writer also checks each page just before it overwrites it: the
+//! page must still hold the previous generation's stamp. After a restore,
+//! the first generation written therefore checks every page as the
+//! snapshot held it. The first mismatch is printed once, as
+//! `STAMP BAD before overwrite: page=X holds gen=Y page_no=Z, expected
+//! gen=W`, and the SIGUSR1 line then reports `STAMP BAD overwritten=N
+//! (first: …)` instead of OK; an OK line carries `verified=V`, the pages
+//! checked before overwriting since the start.
+//!
 //! At start it prints `STAMP RUNNING pid=PID mib=N`; on SIGUSR2
 //! `STAMP RATE mib_per_s=R`, the MiB written per second since the previous
 //! SIGUSR2 (or the start). Signals are acted on between pages.
@@ -115,6 +126,13 @@ impl Stamps {
         assert!(word < (self.pages + 1) * WORDS, "word {word} out of the buffer");
         // SAFETY: as in `store`, for reads.
         unsafe { ptr::read_volatile(self.base.add(word)) }
+    }
+
+    /// The first word of data page `page` that is not `gen`'s stamp.
+    fn mismatch(&self, gen: u32, page: usize) -> Option<u64> {
+        let want = stamp(gen, page);
+        let first = (page + 1) * WORDS;
+        (first..first + WORDS).map(|w| self.load(w)).find(|&v| v != want)
     }
 
     /// Stamps data page `page` with `gen`, then records the position after
@@ -270,11 +288,35 @@ fn run(mib: usize) -> Result<(), String> {
 
     let mut since = Instant::now();
     let mut written = 0u64;
+    let mut verified = 0u64;
+    let mut bad = 0u64;
+    let mut first_bad = String::new();
     let mut gen = 1u32;
     loop {
         for page in 0..pages {
             if CHECK.swap(false, Ordering::Relaxed) {
-                say(&stamps.check((gen, page)).to_string());
+                let line = match stamps.check((gen, page)) {
+                    _ if bad > 0 => format!("STAMP BAD overwritten={bad} (first: {first_bad})"),
+                    Verdict::Ok { gen, pos, pages } => format!("STAMP OK gen={gen} pos={pos} pages={pages} verified={verified}"),
+                    verdict => verdict.to_string(),
+                };
+                say(&line);
+            }
+            // What is about to be overwritten must be the previous
+            // generation's stamp.
+            if let Some(held) = stamps.mismatch(gen - 1, page) {
+                bad += 1;
+                if bad == 1 {
+                    first_bad = format!(
+                        "page={page} holds gen={} page_no={}, expected gen={}",
+                        held >> 32,
+                        held & 0xffff_ffff,
+                        gen - 1
+                    );
+                    say(&format!("STAMP BAD before overwrite: {first_bad}"));
+                }
+            } else {
+                verified += 1;
             }
             if RATE.swap(false, Ordering::Relaxed) {
                 let secs = since.elapsed().as_secs_f64();
@@ -427,6 +469,17 @@ mod tests {
         // The end of one generation is the start of the next.
         let (_mem, stamps, _) = written(PAGES);
         assert_eq!(stamps.check((2, 0)), Verdict::Ok { gen: 1, pos: PAGES, pages: PAGES });
+    }
+
+    #[test]
+    fn the_page_about_to_be_overwritten_must_hold_the_previous_generation() {
+        let (_words, stamps, _) = written(8 + 3);
+        // Generation 2 is at page 3: pages 3.. still hold generation 1.
+        assert_eq!(stamps.mismatch(1, 3), None);
+        assert_eq!(stamps.mismatch(2, 2), None);
+        set_page(&stamps, 5, 100..101, stamp(2, 5));
+        assert_eq!(stamps.mismatch(1, 5), Some(stamp(2, 5)), "a page saved later than the rest");
+        assert_eq!(stamps.mismatch(0, 0).map(|v| v >> 32), Some(2), "untouched pages must be zero");
     }
 
     #[test]
