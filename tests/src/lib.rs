@@ -35,17 +35,8 @@ pub fn scratch() -> tempfile::TempDir {
 /// `stasis snapshot --api-sock SOCK --out OUT --then THEN`; returns its
 /// stdout (the JSON reply) after checking it succeeded.
 pub fn snapshot(sock: &Path, out: &Path, then: &str) -> String {
-    let output = Command::new(stasis_bin())
-        .args(["snapshot", "--api-sock"])
-        .arg(sock)
-        .arg("--out")
-        .arg(out)
-        .args(["--then", then])
-        .output()
-        .expect("stasis snapshot runs");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "snapshot failed: {stderr}{stdout}");
+    let (status, stdout, stderr) = try_snapshot(sock, out, &["--then", then]);
+    assert!(status.success(), "snapshot failed: {stderr}{stdout}");
     assert!(stdout.contains("\"snapshot\":{"), "reply: {stdout}");
     stdout
 }

@@ -4,10 +4,10 @@
 //! hung guest.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use stasis_e2e::{boot_args, run_direct, run_in_kvm_host, stasis_bin, Guest, COMMAND_TIMEOUT};
+use stasis_e2e::{boot_args, run_direct, run_in_kvm_host, snapshot_json, stasis_bin, Guest, COMMAND_TIMEOUT};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -84,21 +84,9 @@ fn damaged_snapshots_are_refused() {
 
     // `good`, a live full snapshot, then `child`, an incremental one on
     // top of it, and the VM ends.
-    let snap = |out: &Path, extra: &[&str]| {
-        let out = Command::new(stasis_bin())
-            .args(["snapshot", "--api-sock"])
-            .arg(&sock)
-            .arg("--out")
-            .arg(out)
-            .args(extra)
-            .stdin(Stdio::null())
-            .output()
-            .expect("stasis snapshot runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    };
-    snap(&good, &[]);
+    snapshot_json(&sock, &good, &[]);
     let child = dir.path().join("child");
-    snap(&child, &["--then", "exit", "--parent", good.to_str().expect("utf-8")]);
+    snapshot_json(&sock, &child, &["--then", "exit", "--parent", good.to_str().expect("utf-8")]);
     let (status, output) = guest.wait_exit(EXIT_TIMEOUT);
     assert!(status.success(), "{status}\n{output}");
 
