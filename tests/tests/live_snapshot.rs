@@ -375,16 +375,35 @@ fn incremental_snapshots_chain_restore_and_flatten() {
     assert!(b_disk >= 16 << 20, "B holds {b_disk} bytes, less than the 16 MiB that changed");
     assert!(b_disk * 10 < a_disk * 4, "B ({b_disk} bytes) is not much smaller than A ({a_disk} bytes)");
 
-    // Refused, and the VM keeps running: a parent that does not exist, and
-    // one that is not the VM's latest snapshot (B is).
+    // Refused, and the VM keeps running: a parent that does not exist, a
+    // directory that is no snapshot, a snapshot of another VM (A's copy
+    // with another VM id), and one that is not the VM's latest (B is).
     let missing = dir.path().join("missing");
-    for (parent, name) in [(&missing, "bad1"), (&a, "bad2")] {
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).expect("mkdir");
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir(&foreign).expect("mkdir");
+    for entry in std::fs::read_dir(&a).expect("ls A") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), foreign.join(entry.file_name())).expect("copy");
+    }
+    let manifest_path = foreign.join("manifest.json");
+    let mut manifest: Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).expect("read")).expect("json");
+    manifest["vm_id"] = "00000000000000000000000000000000".into();
+    std::fs::write(&manifest_path, manifest.to_string()).expect("write");
+    for (parent, name, needle) in [
+        (&missing, "bad1", "does not exist"),
+        (&empty, "bad2", "is not a stasis snapshot"),
+        (&foreign, "bad3", "another VM"),
+        (&a, "bad4", "not this VM's latest snapshot"),
+    ] {
         let out = dir.path().join(name);
         let (status, stdout, stderr) = try_snapshot(&sock, &out, &["--parent", &text(parent)]);
         let lines: Vec<&str> = stderr.lines().collect();
         assert_eq!(status.code(), Some(1), "--parent {}: want exit 1, got {status}; {stderr}{stdout}", parent.display());
         assert_eq!(lines.len(), 1, "--parent {}: want one error line, got:\n{stderr}", parent.display());
         assert!(lines[0].starts_with("stasis: error: ") && lines[0].contains("parent"), "{stderr}");
+        assert!(lines[0].contains(needle), "--parent {}: {needle:?} not in {stderr}", parent.display());
         assert!(stdout.is_empty(), "refused, yet printed on stdout: {stdout}");
         assert!(!out.join("manifest.json").exists(), "a refused snapshot left {}", out.display());
         let status = status_json(&sock);
