@@ -9,6 +9,13 @@
 //! prints its line with [`emit`]. Below those: running a tool to its end
 //! ([`run_tool`]), reading flat JSON replies ([`json_field`]) and a
 //! minimal QMP client ([`Qmp`]) for QEMU's side of the comparisons.
+//!
+//! The snapshot benchmarks (snapshot-bench, live-bench) also share the
+//! guest's command lines ([`CMDLINE`], [`QEMU_CMDLINE`]), booting stasis
+//! with an API socket ([`CommonOpts::boot_stasis`]), filling tmpfs
+//! ([`fill`]), lazy or eager restores timed to the console's first answer
+//! ([`restore`], [`RestoreReport`]) and QEMU with a QMP socket
+//! ([`CommonOpts::qemu_qmp`]).
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -19,10 +26,31 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::{complete_lines, repo_root, Guest};
+use crate::{complete_lines, repo_root, Guest, READY};
 
 /// A measurement's fields, or why it failed.
 pub type Res<T> = Result<T, String>;
+
+/// The guest's command line under stasis (its default when this was
+/// written), given explicitly so the figures do not move with the default.
+pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
+
+/// The same under QEMU's pc machine, less `pci=off`: that machine has a
+/// PCI bus and its ACPI tables use PCI config space (with `pci=off` the
+/// guest logs "PCI: Fatal: No config space access function found" and
+/// ACPI errors, and sometimes dies before its shell starts).
+pub const QEMU_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+
+/// Bound for a guest's boot (to its READY line) under nested KVM.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Bound for the console's answer to a short command, an API socket's or
+/// QMP socket's appearance, a short tool run.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound for a VM to exit once told to.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The command typed to see whether the console answers; prints `PONG=2`.
+pub const PING: &str = "echo PONG=$((1+1))";
 
 // ---- Options -------------------------------------------------------------------
 
@@ -114,6 +142,63 @@ impl CommonOpts {
             .args(["-append", cmdline]);
         cmd
     }
+
+    /// [`CommonOpts::qemu`] with [`QEMU_CMDLINE`], no network, and a QMP
+    /// socket at `qmp` (for [`Qmp::connect`]); the caller removes a stale
+    /// socket first.
+    pub fn qemu_qmp(&self, mem_mib: u64, qmp: &Path) -> Command {
+        let mut cmd = self.qemu(QEMU_CMDLINE, mem_mib);
+        cmd.args(["-nic", "none"]).arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        cmd
+    }
+
+    /// Why `--qemu` cannot run here, if it cannot; when it can, notes its
+    /// version.
+    pub fn qemu_unavailable(&self) -> Option<String> {
+        match version_of(&self.qemu_bin) {
+            Err(e) => Some(e),
+            Ok(version) => {
+                note(&version);
+                None
+            }
+        }
+    }
+
+    /// `stasis boot` of [`CMDLINE`] with `mem_mib` MiB and its API socket
+    /// at `sock` (a stale one removed first); waits for the guest's READY
+    /// line, then for the socket. Returns the guest and the time from
+    /// spawning it to READY.
+    pub fn boot_stasis(&self, mem_mib: u64, sock: &Path) -> Res<(Guest, Duration)> {
+        let _ = fs::remove_file(sock);
+        let mut cmd = self.stasis_boot(CMDLINE, mem_mib);
+        cmd.arg("--api-sock").arg(sock);
+        let t = Instant::now();
+        let guest = Guest::spawn_command(cmd);
+        guest.expect(READY, BOOT_TIMEOUT);
+        let boot = t.elapsed();
+        wait_for_path(sock, ANSWER_TIMEOUT)?;
+        Ok((guest, boot))
+    }
+
+    /// QEMU ([`CommonOpts::qemu_qmp`]) booted with `mem_mib` MiB, its QMP
+    /// socket at `qmp` (a stale one removed first) and connected. Returns
+    /// the guest, the QMP client and the time from spawning it to READY.
+    pub fn boot_qemu(&self, mem_mib: u64, qmp: &Path) -> Res<(Guest, Qmp, Duration)> {
+        let _ = fs::remove_file(qmp);
+        let t = Instant::now();
+        let guest = Guest::spawn_command(self.qemu_qmp(mem_mib, qmp));
+        guest.expect(READY, BOOT_TIMEOUT);
+        let boot = t.elapsed();
+        let client = Qmp::connect(qmp, &guest, ANSWER_TIMEOUT)?;
+        Ok((guest, client, boot))
+    }
+
+    /// Removes a measurement's own work directory `dir`, unless `--keep`.
+    pub fn clean(&self, dir: &Path) {
+        if !self.keep {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// Walks the command line: `each(arg, value)` takes one argument, `value`
@@ -184,9 +269,7 @@ pub fn start(program: &'static str, script: &str, o: &CommonOpts) {
 /// Removes the work directory (without `--keep`), says so, and exits 1 if
 /// any measurement `failed`.
 pub fn finish(o: &CommonOpts, failed: bool) {
-    if !o.keep {
-        let _ = fs::remove_dir_all(&o.work);
-    }
+    o.clean(&o.work);
     note(if failed { "done, with failures" } else { "done" });
     if failed {
         std::process::exit(1);
@@ -258,6 +341,34 @@ pub fn emit(prefix: &str, result: &Res<String>) -> bool {
 /// Seconds, to the millisecond.
 pub fn secs(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64())
+}
+
+/// Milliseconds, to a tenth.
+pub fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+/// A field's value, or `-` where there is none.
+pub fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or("-".to_string(), |v| v.to_string())
+}
+
+/// A number with `digits` decimals, or `-` where there is none.
+pub fn opt_fixed(v: Option<f64>, digits: usize) -> String {
+    opt(v.map(|v| format!("{v:.digits$}")))
+}
+
+/// The median of `v` (the mean of the middle two for an even count); None
+/// when `v` is empty.
+pub fn median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
 }
 
 // ---- Panics from the test helpers become errors ------------------------------
@@ -348,6 +459,80 @@ pub fn poweroff(mut guest: Guest, timeout: Duration) -> Res<String> {
     Ok(output)
 }
 
+/// Fills `mib` MiB of /tmp/NAME in the guest with random data, waiting at
+/// most `timeout`; checks the file's size.
+pub fn fill(guest: &mut Guest, name: &str, mib: u64, timeout: Duration) -> Res<()> {
+    let cmd = format!("dd if=/dev/urandom of=/tmp/{name} bs=1M count={mib} 2>/dev/null; echo FILLED=$(stat -c %s /tmp/{name})");
+    let size = ask(guest, &cmd, "FILLED", timeout)?;
+    if size != (mib << 20).to_string() {
+        return Err(format!("/tmp/{name} has {size} bytes, expected {}", mib << 20));
+    }
+    Ok(())
+}
+
+/// Types [`PING`] into a guest that has just been restored and waits, at
+/// most `timeout`, for its answer; returns the byte offset the answer
+/// follows (for [`marker_value`]: read it after taking the time).
+pub fn ping_restored(guest: &mut Guest, timeout: Duration) -> usize {
+    let from = guest.output().len();
+    guest.send_line(PING);
+    guest.wait_until("the console's answer after restore", timeout, |t| marker_value(t, from, "PONG").is_some());
+    from
+}
+
+/// A restored stasis guest and the time from spawning it to its
+/// console's answer.
+pub struct Restored {
+    pub guest: Guest,
+    pub first_answer: Duration,
+}
+
+/// `stasis restore DIR ARGS --json --api-sock SOCK` (a stale socket
+/// removed first), [`PING`] typed at once (the VMM queues console input
+/// until the guest reads it); the answer must be `PONG=2`.
+pub fn restore(o: &CommonOpts, dir: &Path, args: &[&str], sock: &Path) -> Res<Restored> {
+    let _ = fs::remove_file(sock);
+    let mut cmd = Command::new(&o.stasis);
+    cmd.arg("restore").arg(dir).args(args).arg("--json").arg("--api-sock").arg(sock);
+    let t0 = Instant::now();
+    let mut guest = Guest::spawn_command(cmd);
+    let from = ping_restored(&mut guest, ANSWER_TIMEOUT);
+    let first_answer = t0.elapsed();
+    let pong = marker_value(&guest.output(), from, "PONG");
+    if pong.as_deref() != Some("2") {
+        return Err(format!("the restored console answered {pong:?}, expected PONG=2"));
+    }
+    Ok(Restored { guest, first_answer })
+}
+
+/// The restore report (`restore --json`) in a restored VM's output.
+pub struct RestoreReport {
+    /// The VMM's restore_latency_ms: process start to vCPUs running.
+    pub latency_ms: f64,
+    /// The lazy loader's figures; None after an eager restore.
+    pub faults: Option<u64>,
+    pub blocks_on_fault: Option<u64>,
+    pub blocks_prefetched: Option<u64>,
+    /// From the fault handler's start to full residency; None until then.
+    pub resident_ms: Option<u64>,
+}
+
+impl RestoreReport {
+    /// Finds the report's line in `output` (everything the VM printed).
+    pub fn parse(output: &str) -> Res<RestoreReport> {
+        let start = output.find("{\"restore_latency_ms\"").ok_or("no restore report (--json) in the output")?;
+        let json = output[start..].lines().next().unwrap_or("");
+        let latency_ms = json_num(json, "restore_latency_ms").ok_or_else(|| format!("bad restore report: {json}"))?;
+        Ok(RestoreReport {
+            latency_ms,
+            faults: json_int(json, "faults"),
+            blocks_on_fault: json_int(json, "blocks_on_fault"),
+            blocks_prefetched: json_int(json, "blocks_prefetched"),
+            resident_ms: json_int(json, "resident_after_ms"),
+        })
+    }
+}
+
 /// The first line of `bin --version`.
 pub fn version_of(bin: &Path) -> Res<String> {
     let out = Command::new(bin)
@@ -408,6 +593,11 @@ pub fn json_object<'a>(text: &'a str, key: &str) -> Option<&'a str> {
         }
     }
     None
+}
+
+/// Creates `dir` and its parents.
+pub fn create_dir(dir: &Path) -> Res<()> {
+    fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))
 }
 
 /// Total size of the regular files in `dir`.
@@ -528,5 +718,18 @@ impl Qmp {
                 return Ok(line);
             }
         }
+    }
+
+    /// Sends `quit` and waits, at most `timeout`, for `guest` (the QEMU
+    /// this client talks to) to exit cleanly.
+    pub fn quit(mut self, guest: Guest, timeout: Duration) -> Res<()> {
+        // The reply may not arrive before QEMU closes the socket.
+        let _ = self.execute(r#"{"execute":"quit"}"#);
+        drop(self);
+        let (status, output) = guest.wait_exit(timeout);
+        if !status.success() {
+            return Err(format!("QEMU exited with {status} after quit: {}", last_chars(&output, 300)));
+        }
+        Ok(())
     }
 }

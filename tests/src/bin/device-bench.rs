@@ -65,20 +65,19 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use stasis_e2e::bench::{self, emit, guarded, last_chars, note, secs, wait_marker, CommonOpts, Res};
+// CMDLINE: the guest's command line, the same under every VMM (QEMU's
+// microvm has no PCI either, so `pci=off` stays).
+use stasis_e2e::bench::{
+    self, emit, guarded, last_chars, median, note, secs, wait_marker, CommonOpts, Res, ANSWER_TIMEOUT, BOOT_TIMEOUT,
+    CMDLINE, EXIT_TIMEOUT,
+};
 use stasis_e2e::{complete_lines, Guest, READY};
 
-/// The guest's command line, the same under every VMM (QEMU's microvm
-/// has no PCI either).
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
 const MEM_MIB: u64 = 512;
 const CID: u32 = 3;
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 /// One disk pass or vsock transfer under nested KVM.
 const WORK_TIMEOUT: Duration = Duration::from_secs(600);
-const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn usage() -> ! {
     eprintln!(
@@ -327,16 +326,6 @@ fn iobench(guest: &mut Guest, t: &DiskTest) -> Res<String> {
     }
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
 /// RUNS runs of one test: the median and extremes of its figure.
 fn disk_row(o: &Opts, guest: &mut Guest, t: &DiskTest) -> Res<String> {
     let mut figures = Vec::new();
@@ -349,13 +338,14 @@ fn disk_row(o: &Opts, guest: &mut Guest, t: &DiskTest) -> Res<String> {
         others.push(get(other)?);
     }
     let (min, max) = (figures.iter().copied().fold(f64::MAX, f64::min), figures.iter().copied().fold(0.0, f64::max));
+    let mid = |v: &[f64]| median(v).ok_or_else(|| "no runs".to_string());
     Ok(format!(
         "{} runs={} {}={:.1} {other}={:.1} min_{}={min:.1} max_{}={max:.1}",
         t.size_field,
         o.runs,
         t.figure,
-        median(&mut figures),
-        median(&mut others),
+        mid(&figures)?,
+        mid(&others)?,
         t.figure,
         t.figure
     ))

@@ -122,16 +122,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use stasis_e2e::bench::{
-    self, ask, dir_bytes, emit, error_field, guarded, json_field, json_int, json_num, json_object, last_chars,
-    marker_value, note, poweroff, run_tool, secs, wait_for_path, CommonOpts, Qmp, Res,
+    self, ask, create_dir, dir_bytes, emit, error_field, guarded, json_field, json_int, json_num, json_object,
+    marker_value, median, ms, note, opt, opt_fixed, poweroff, run_tool, secs, CommonOpts, Res, RestoreReport,
+    ANSWER_TIMEOUT, EXIT_TIMEOUT, PING,
 };
-use stasis_e2e::{Guest, READY};
+use stasis_e2e::Guest;
 
-/// The guest's command line under stasis (as snapshot-bench gives it).
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
-/// The same under QEMU, less `pci=off` (QEMU's pc machine has a PCI bus;
-/// see snapshot-bench).
-const QEMU_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
 /// Memory sizes of the `pause` section, MiB.
 const SIZES_FULL: &[u64] = &[256, 1024, 2048];
 const SIZES_QUICK: &[u64] = &[256];
@@ -145,14 +141,8 @@ const CHANGED_MIB: u64 = 16;
 /// its buffer faults the pages in (about 20 MiB/s in the test host).
 const STAMP_WARMUP: Duration = Duration::from_secs(10);
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const WORK_TIMEOUT: Duration = Duration::from_secs(300);
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
-const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// The command typed to see whether the console answers; prints `PONG=2`.
-const PING: &str = "echo PONG=$((1+1))";
 
 fn usage() -> ! {
     eprintln!(
@@ -243,31 +233,11 @@ impl Opts {
 
 // ---- Output ------------------------------------------------------------------
 
-fn ms(d: Duration) -> String {
-    format!("{:.1}", d.as_secs_f64() * 1000.0)
-}
-
-fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
-    v.map_or("-".to_string(), |v| v.to_string())
-}
-
 fn within_target(paused_ms: Option<f64>) -> &'static str {
     match paused_ms {
         Some(v) if v <= PAUSE_TARGET_MS => "yes",
         Some(_) => "no",
         None => "-",
-    }
-}
-
-/// The median of `v` (the mean of the middle two for an even count).
-fn median(v: &[f64]) -> Option<f64> {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(v[n / 2]),
-        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
     }
 }
 
@@ -278,33 +248,16 @@ fn spread_fields(v: &[f64]) -> String {
     let all: Vec<String> = v.iter().map(|x| format!("{x:.1}")).collect();
     format!(
         "median_ms={} min_ms={min:.1} max_ms={max:.1} all_ms={}",
-        opt(median(v).map(|m| format!("{m:.1}"))),
+        opt_fixed(median(v), 1),
         all.join(",")
     )
 }
 
 // ---- Guests ------------------------------------------------------------------
 
-fn boot_stasis(o: &Opts, mem_mib: u64, sock: &Path) -> Res<(Guest, Duration)> {
-    let _ = fs::remove_file(sock);
-    let mut cmd = o.common.stasis_boot(CMDLINE, mem_mib);
-    cmd.arg("--api-sock").arg(sock);
-    let t = Instant::now();
-    let guest = Guest::spawn_command(cmd);
-    guest.expect(READY, BOOT_TIMEOUT);
-    let boot = t.elapsed();
-    wait_for_path(sock, ANSWER_TIMEOUT)?;
-    Ok((guest, boot))
-}
-
 /// Fills `mib` MiB of /tmp/NAME with random data.
 fn fill(guest: &mut Guest, name: &str, mib: u64) -> Res<()> {
-    let cmd = format!("dd if=/dev/urandom of=/tmp/{name} bs=1M count={mib} 2>/dev/null; echo FILLED=$(stat -c %s /tmp/{name})");
-    let size = ask(guest, &cmd, "FILLED", WORK_TIMEOUT)?;
-    if size != (mib << 20).to_string() {
-        return Err(format!("/tmp/{name} has {size} bytes, expected {}", mib << 20));
-    }
-    Ok(())
+    bench::fill(guest, name, mib, WORK_TIMEOUT)
 }
 
 /// Types PING and waits for its answer: the time from typing to it.
@@ -377,9 +330,9 @@ impl Snap {
     fn time_fields(&self) -> String {
         format!(
             "paused_ms={} wall_s={} write_s={}",
-            opt(self.paused_ms().map(|v| format!("{v:.1}"))),
+            opt_fixed(self.paused_ms(), 1),
             secs(self.wall),
-            opt(self.write_s().map(|v| format!("{v:.3}")))
+            opt_fixed(self.write_s(), 3)
         )
     }
 
@@ -418,49 +371,10 @@ fn snapshot(o: &Opts, sock: &Path, out: &Path, mode: Mode, parent: Option<&Path>
     Ok(Snap { wall, reply, dir_bytes: dir_bytes(out)? })
 }
 
-/// A restored guest and the time from spawning it to its console's answer.
-struct Restored {
-    guest: Guest,
-    first_answer: Duration,
-}
-
-/// `stasis restore DIR --json`, lazily (prefetch on, the default), PING
-/// typed at once (the VMM queues console input until the guest reads it).
-fn restore(o: &Opts, dir: &Path, sock: &Path) -> Res<Restored> {
-    let _ = fs::remove_file(sock);
-    let mut cmd = Command::new(&o.common.stasis);
-    cmd.arg("restore").arg(dir).args(["--memory", "lazy", "--json"]).arg("--api-sock").arg(sock);
-    let t0 = Instant::now();
-    let mut guest = Guest::spawn_command(cmd);
-    let from = guest.output().len();
-    guest.send_line(PING);
-    guest.wait_until("the console's answer after restore", ANSWER_TIMEOUT, |t| marker_value(t, from, "PONG").is_some());
-    let first_answer = t0.elapsed();
-    let pong = marker_value(&guest.output(), from, "PONG");
-    if pong.as_deref() != Some("2") {
-        return Err(format!("the restored console answered {pong:?}, expected PONG=2"));
-    }
-    Ok(Restored { guest, first_answer })
-}
-
-/// The restore report (`--json`) in a restored VM's output: its
-/// restore_latency_ms and the loader's fault count.
-fn restore_report(output: &str) -> Res<(f64, Option<u64>)> {
-    let start = output.find("{\"restore_latency_ms\"").ok_or("no restore report (--json) in the output")?;
-    let json = output[start..].lines().next().unwrap_or("");
-    let latency = json_num(json, "restore_latency_ms").ok_or_else(|| format!("bad restore report: {json}"))?;
-    Ok((latency, json_int(json, "faults")))
-}
-
-fn create_dir(dir: &Path) -> Res<()> {
-    fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))
-}
-
-/// Removes a section's work directory unless --keep.
-fn clean(o: &Opts, work: &Path) {
-    if !o.common.keep {
-        let _ = fs::remove_dir_all(work);
-    }
+/// `stasis restore DIR --memory lazy --json` (prefetch on, the default),
+/// timed to the console's first answer.
+fn restore(o: &Opts, dir: &Path, sock: &Path) -> Res<bench::Restored> {
+    bench::restore(&o.common, dir, &["--memory", "lazy"], sock)
 }
 
 // ---- Section pause: stasis ---------------------------------------------------------
@@ -477,15 +391,14 @@ fn pause_fields(snaps: &[Snap], boot: Duration) -> Res<String> {
     let max = paused.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let walls: Vec<f64> = snaps.iter().map(|s| s.wall.as_secs_f64()).collect();
     let writes: Vec<f64> = snaps.iter().filter_map(Snap::write_s).collect();
-    let fmt = |v: Option<f64>, digits: usize| opt(v.map(|v| format!("{v:.digits$}")));
     Ok(format!(
         "runs={} paused_ms={} paused_max_ms={max:.1} within_50ms={} wall_s={} write_s={} memory_bytes={} memory_file_bytes={} \
          state_file_bytes={} dir_bytes={} boot_s={}",
         snaps.len(),
-        fmt(median(&paused), 1),
+        opt_fixed(median(&paused), 1),
         within_target(Some(max)),
-        fmt(median(&walls), 3),
-        fmt(median(&writes), 3),
+        opt_fixed(median(&walls), 3),
+        opt_fixed(median(&writes), 3),
         last.int("memory_bytes"),
         last.int("memory_file_bytes"),
         last.int("state_file_bytes"),
@@ -502,7 +415,7 @@ fn bench_pause(o: &Opts, mem_mib: u64) -> bool {
     let prep = guarded(|| {
         create_dir(&work)?;
         note(&format!("pause {mem_mib} MiB: booting"));
-        let (mut guest, boot) = boot_stasis(o, mem_mib, &sock)?;
+        let (mut guest, boot) = o.common.boot_stasis(mem_mib, &sock)?;
         note(&format!("writing {FILL_MIB} MiB of random data to /tmp"));
         fill(&mut guest, "blob", FILL_MIB)?;
         Ok((guest, boot))
@@ -513,7 +426,7 @@ fn bench_pause(o: &Opts, mem_mib: u64) -> bool {
             for mode in modes {
                 println!("{} {}", prefix(mode), error_field(&format!("booting: {e}")));
             }
-            clean(o, &work);
+            o.common.clean(&work);
             return true;
         }
     };
@@ -546,28 +459,11 @@ fn bench_pause(o: &Opts, mem_mib: u64) -> bool {
     if let Err(e) = guarded(|| poweroff(guest, EXIT_TIMEOUT)) {
         note(&format!("pause {mem_mib} MiB: power-off failed: {e}"));
     }
-    clean(o, &work);
+    o.common.clean(&work);
     failed
 }
 
 // ---- Section qemu: background-snapshot ------------------------------------------------
-
-fn qemu_command(o: &Opts, mem_mib: u64, qmp: &Path) -> Command {
-    let mut cmd = o.common.qemu(QEMU_CMDLINE, mem_mib);
-    cmd.args(["-nic", "none"]).arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
-    cmd
-}
-
-/// Why QEMU cannot run here, if it cannot.
-fn qemu_unavailable(o: &Opts) -> Option<String> {
-    match bench::version_of(&o.common.qemu_bin) {
-        Err(e) => Some(e),
-        Ok(version) => {
-            note(&version);
-            None
-        }
-    }
-}
 
 /// This kernel's release, for errors that depend on it.
 fn kernel_release() -> String {
@@ -579,14 +475,8 @@ fn bench_qemu(o: &Opts, mem_mib: u64) -> Res<String> {
     create_dir(&work)?;
     let file = work.join("vm.migration");
     let result = guarded(|| {
-        let qmp_path = work.join("qmp.sock");
-        let _ = fs::remove_file(&qmp_path);
         note(&format!("qemu {mem_mib} MiB: booting"));
-        let t = Instant::now();
-        let mut guest = Guest::spawn_command(qemu_command(o, mem_mib, &qmp_path));
-        guest.expect(READY, BOOT_TIMEOUT);
-        let boot = t.elapsed();
-        let mut qmp = Qmp::connect(&qmp_path, &guest, ANSWER_TIMEOUT)?;
+        let (mut guest, mut qmp, boot) = o.common.boot_qemu(mem_mib, &work.join("qmp.sock"))?;
         note(&format!("writing {FILL_MIB} MiB of random data to /tmp"));
         fill(&mut guest, "blob", FILL_MIB)?;
 
@@ -622,13 +512,7 @@ fn bench_qemu(o: &Opts, mem_mib: u64) -> Res<String> {
             return Err(format!("the VM is not running after the background snapshot: {}", status.trim()));
         }
         ping(&mut guest)?;
-        // quit: the reply may not arrive before QEMU closes the socket.
-        let _ = qmp.execute(r#"{"execute":"quit"}"#);
-        drop(qmp);
-        let (exit, output) = guest.wait_exit(EXIT_TIMEOUT);
-        if !exit.success() {
-            return Err(format!("QEMU exited with {exit} after quit: {}", last_chars(&output, 300)));
-        }
+        qmp.quit(guest, EXIT_TIMEOUT)?;
         let file_bytes = fs::metadata(&file).map_err(|e| format!("no migration file: {e}"))?.len();
         let downtime = json_num(&done, "downtime");
         Ok(format!(
@@ -641,7 +525,7 @@ fn bench_qemu(o: &Opts, mem_mib: u64) -> Res<String> {
             secs(boot)
         ))
     });
-    clean(o, &work);
+    o.common.clean(&work);
     result
 }
 
@@ -668,7 +552,7 @@ fn bench_incremental(o: &Opts) -> bool {
         create_dir(&work)?;
         let sock = work.join("vm.sock");
         note(&format!("incremental {mem} MiB: booting"));
-        let (mut guest, _) = boot_stasis(o, mem, &sock)?;
+        let (mut guest, _) = o.common.boot_stasis(mem, &sock)?;
         fill(&mut guest, "blob", FILL_MIB)?;
         note("full live snapshot");
         let first = snapshot(o, &sock, &full, Mode::Live, None)?;
@@ -702,7 +586,7 @@ fn bench_incremental(o: &Opts) -> bool {
             let mut r = restore(o, &inc, &work.join("restored.sock"))?;
             let restored = md5(&mut r.guest, "/tmp/blob")?;
             let output = poweroff(r.guest, EXIT_TIMEOUT)?;
-            let (latency, _) = restore_report(&output)?;
+            let latency = RestoreReport::parse(&output)?.latency_ms;
             if &restored != sum {
                 return Err(format!("/tmp/blob's md5sum after the restore is {restored}, before the snapshot {sum}"));
             }
@@ -710,7 +594,7 @@ fn bench_incremental(o: &Opts) -> bool {
         }),
     };
     failed |= emit(&format!("{prefix} restore=chain"), &r);
-    clean(o, &work);
+    o.common.clean(&work);
     failed
 }
 
@@ -752,7 +636,7 @@ fn bench_slowdown(o: &Opts) -> bool {
         create_dir(&work)?;
         let sock = work.join("vm.sock");
         note(&format!("slowdown {mem} MiB: booting"));
-        let (mut guest, _) = boot_stasis(o, mem, &sock)?;
+        let (mut guest, _) = o.common.boot_stasis(mem, &sock)?;
         let pid = start_stamp(&mut guest, o.stamp_mib)?;
         note(&format!("stasis-stamp runs (pid {pid}); warming up"));
         // Its first pass over the buffer faults every page in: not the
@@ -766,7 +650,7 @@ fn bench_slowdown(o: &Opts) -> bool {
             for phase in phases {
                 println!("{prefix} phase={phase} {}", error_field(&e));
             }
-            clean(o, &work);
+            o.common.clean(&work);
             return true;
         }
     };
@@ -808,7 +692,7 @@ fn bench_slowdown(o: &Opts) -> bool {
     if let Err(e) = guarded(|| poweroff(guest, EXIT_TIMEOUT)) {
         note(&format!("slowdown: power-off failed: {e}"));
     }
-    clean(o, &work);
+    o.common.clean(&work);
     failed
 }
 
@@ -826,7 +710,7 @@ fn bench_answer(o: &Opts) -> bool {
         create_dir(&work)?;
         let sock = work.join("vm.sock");
         note(&format!("answer {mem} MiB: booting"));
-        let (mut guest, _) = boot_stasis(o, mem, &sock)?;
+        let (mut guest, _) = o.common.boot_stasis(mem, &sock)?;
         fill(&mut guest, "blob", FILL_MIB)?;
         // One untimed first: the shell's first command after a fill.
         ping(&mut guest)?;
@@ -854,27 +738,27 @@ fn bench_answer(o: &Opts) -> bool {
                 note(&format!("lazy restore {run} of {runs}"));
                 let r = restore(o, &snap, &work.join(format!("restored-{run}.sock")))?;
                 let output = poweroff(r.guest, EXIT_TIMEOUT)?;
-                let (latency, f) = restore_report(&output)?;
+                let report = RestoreReport::parse(&output)?;
+                let (latency, f) = (report.latency_ms, report.faults);
                 let answer = r.first_answer.as_secs_f64() * 1000.0;
                 answers.push(answer);
                 latencies.push(latency);
                 after.push(answer - latency);
                 faults.extend(f.map(|f| f as f64));
             }
-            let fmt = |v: Option<f64>| opt(v.map(|v| format!("{v:.1}")));
             let over = median(&answers).zip(median(floor)).map(|(a, f)| a - f);
             Ok(format!(
                 "{} latency_ms={} after_vcpus_ms={} over_floor_ms={} faults={} snapshot_mode={mode}",
                 spread_fields(&answers),
-                fmt(median(&latencies)),
-                fmt(median(&after)),
-                fmt(over),
+                opt_fixed(median(&latencies), 1),
+                opt_fixed(median(&after), 1),
+                opt_fixed(over, 1),
                 opt(median(&faults).map(|f| f as u64))
             ))
         }),
     };
     failed |= emit(&format!("{prefix} mode=lazy-restore runs={runs}"), &restored);
-    clean(o, &work);
+    o.common.clean(&work);
     failed
 }
 
@@ -889,7 +773,7 @@ fn main() {
         }
     }
     if o.qemu {
-        match qemu_unavailable(&o) {
+        match o.common.qemu_unavailable() {
             Some(reason) => {
                 for &mem in &o.sizes {
                     println!("pause mem={mem}MiB vmm=qemu mode=background-snapshot {}", error_field(&format!("QEMU unavailable: {reason}")));

@@ -45,7 +45,7 @@
 //!   vCPUs run; a lazy restore waits, polling `stasis status`, until memory
 //!   is fully resident before it powers off).
 //! - `qemu`: Debian's qemu-system-x86_64 with KVM, the same kernel,
-//!   initramfs, kernel command line (less `pci=off`, see [`QEMU_CMDLINE`]),
+//!   initramfs, kernel command line (less `pci=off`, see [`bench::QEMU_CMDLINE`]),
 //!   memory size, one vCPU and the same 64 MiB workload. Saved through QMP (the monitor's machine protocol;
 //!   the HMP commands are front ends to the same calls):
 //!   `migrate-set-parameters max-bandwidth` 100 GiB/s, `stop`,
@@ -75,42 +75,28 @@
 //!   fault, the baseline that Firecracker's example handler represents.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use stasis_e2e::bench::{
-    self, ask, emit, error_field, guarded, last_chars, marker_value, note, poweroff, secs, CommonOpts, Res,
+    self, ask, create_dir, dir_bytes, emit, error_field, fill, guarded, json_field, json_int, json_num, last_chars,
+    ms, note, opt, opt_fixed, ping_restored, poweroff, run_tool, secs, CommonOpts, Qmp, Res, RestoreReport,
+    ANSWER_TIMEOUT, EXIT_TIMEOUT,
 };
-use stasis_e2e::{Guest, READY};
+use stasis_e2e::Guest;
 
-/// The guest's command line under stasis (its default when this was
-/// written), given explicitly so the figures do not move with the default.
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
-/// The same under QEMU, less `pci=off`: QEMU's pc machine has a PCI bus
-/// and its ACPI tables use PCI config space (with `pci=off` the guest
-/// logs "PCI: Fatal: No config space access function found" and ACPI
-/// errors, and sometimes dies before its shell starts).
-const QEMU_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
 /// Sizes for the restore-latency table, MiB.
 const SIZES_FULL: &[u64] = &[256, 1024, 2048];
 const SIZES_QUICK: &[u64] = &[256];
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const WORK_TIMEOUT: Duration = Duration::from_secs(300);
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
-const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 const RESIDENT_TIMEOUT: Duration = Duration::from_secs(600);
 const BIG_TIMEOUT: Duration = Duration::from_secs(900);
 /// One read of the big file, one page per fault under nested KVM: long.
 const READ_TIMEOUT: Duration = Duration::from_secs(1800);
-
-/// The command typed to see whether the console answers; prints `PONG=2`.
-const PING: &str = "echo PONG=$((1+1))";
 
 fn usage() -> ! {
     eprintln!(
@@ -175,110 +161,7 @@ impl Opts {
     }
 }
 
-// ---- Output ------------------------------------------------------------------
-
-fn ms(d: Duration) -> String {
-    format!("{:.1}", d.as_secs_f64() * 1000.0)
-}
-
-fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
-    v.map_or("-".to_string(), |v| v.to_string())
-}
-
-// ---- Small helpers -------------------------------------------------------------
-
-/// A JSON field's raw value after `"key":` (a number, `null`, or a string
-/// without its quotes). Enough for the flat replies read here.
-fn json_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
-    let needle = format!("\"{key}\"");
-    let at = text.find(&needle)? + needle.len();
-    let rest = text[at..].trim_start().strip_prefix(':')?.trim_start();
-    if let Some(s) = rest.strip_prefix('"') {
-        return s.find('"').map(|end| &s[..end]);
-    }
-    let end = rest.find([',', '}', ']']).unwrap_or(rest.len());
-    Some(rest[..end].trim())
-}
-
-fn json_num(text: &str, key: &str) -> Option<f64> {
-    json_field(text, key)?.parse().ok()
-}
-
-fn json_int(text: &str, key: &str) -> Option<u64> {
-    json_field(text, key)?.parse().ok()
-}
-
-/// Total size of the regular files in `dir`.
-fn dir_bytes(dir: &Path) -> Res<u64> {
-    let mut total = 0;
-    for entry in fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))? {
-        let meta = entry.and_then(|e| e.metadata()).map_err(|e| format!("cannot stat in {}: {e}", dir.display()))?;
-        if meta.is_file() {
-            total += meta.len();
-        }
-    }
-    Ok(total)
-}
-
-fn run_tool(cmd: &mut Command, timeout: Duration) -> Res<(Duration, String)> {
-    let what = format!("{cmd:?}");
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let t = Instant::now();
-    let child = cmd.spawn().map_err(|e| format!("cannot start {what}: {e}"))?;
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(timeout) {
-        Ok(out) => out.map_err(|e| format!("{what}: {e}"))?,
-        Err(_) => {
-            // It is our own child: end it by its id.
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            return Err(format!("{what} took longer than {timeout:?}"));
-        }
-    };
-    let elapsed = t.elapsed();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(format!("{what} failed ({}): {}", out.status, stderr.trim()));
-    }
-    Ok((elapsed, stdout))
-}
-
-fn wait_for_path(path: &Path, timeout: Duration) -> Res<()> {
-    let deadline = Instant::now() + timeout;
-    while !path.exists() {
-        if Instant::now() >= deadline {
-            return Err(format!("{} did not appear within {timeout:?}", path.display()));
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
 // ---- stasis --------------------------------------------------------------------
-
-fn boot_stasis(o: &Opts, mem_mib: u64, sock: &Path) -> Res<Guest> {
-    let _ = fs::remove_file(sock);
-    let mut cmd = o.common.stasis_boot(CMDLINE, mem_mib);
-    cmd.arg("--api-sock").arg(sock);
-    let guest = Guest::spawn_command(cmd);
-    guest.expect(READY, BOOT_TIMEOUT);
-    wait_for_path(sock, ANSWER_TIMEOUT)?;
-    Ok(guest)
-}
-
-/// Fills `mib` MiB of /tmp/NAME with random data.
-fn fill(guest: &mut Guest, name: &str, mib: u64, timeout: Duration) -> Res<()> {
-    let cmd = format!("dd if=/dev/urandom of=/tmp/{name} bs=1M count={mib} 2>/dev/null; echo FILLED=$(stat -c %s /tmp/{name})");
-    let size = ask(guest, &cmd, "FILLED", timeout)?;
-    if size != (mib << 20).to_string() {
-        return Err(format!("/tmp/{name} has {size} bytes, expected {}", mib << 20));
-    }
-    Ok(())
-}
 
 struct Snap {
     wall: Duration,
@@ -299,31 +182,6 @@ fn snapshot_exit(o: &Opts, guest: Guest, sock: &Path, out: &Path) -> Res<Snap> {
     Ok(Snap { wall, paused_ms: json_num(&reply, "paused_ms"), bytes: dir_bytes(out)? })
 }
 
-struct Restored {
-    guest: Guest,
-    first_answer: Duration,
-}
-
-fn restore_stasis(o: &Opts, dir: &Path, args: &[&str], sock: &Path) -> Res<Restored> {
-    let _ = fs::remove_file(sock);
-    let mut cmd = Command::new(&o.common.stasis);
-    cmd.arg("restore").arg(dir).args(args).arg("--json").arg("--api-sock").arg(sock);
-    let t0 = Instant::now();
-    let mut guest = Guest::spawn_command(cmd);
-    // Typed at once: the VMM queues console input until the guest reads it.
-    let from = guest.output().len();
-    guest.send_line(PING);
-    guest.wait_until("the console's answer after restore", ANSWER_TIMEOUT, |t| {
-        marker_value(t, from, "PONG").is_some()
-    });
-    let first_answer = t0.elapsed();
-    let pong = marker_value(&guest.output(), from, "PONG");
-    if pong.as_deref() != Some("2") {
-        return Err(format!("the restored console answered {pong:?}, expected PONG=2"));
-    }
-    Ok(Restored { guest, first_answer })
-}
-
 /// Polls `stasis status` until the loader reports full residency.
 fn wait_resident(o: &Opts, sock: &Path) -> Res<()> {
     let deadline = Instant::now() + RESIDENT_TIMEOUT;
@@ -340,29 +198,7 @@ fn wait_resident(o: &Opts, sock: &Path) -> Res<()> {
     }
 }
 
-/// The restore report (`--json`) from the process's output.
-struct Report {
-    latency_ms: f64,
-    faults: Option<u64>,
-    blocks_on_fault: Option<u64>,
-    blocks_prefetched: Option<u64>,
-    resident_ms: Option<u64>,
-}
-
-fn parse_report(output: &str) -> Res<Report> {
-    let start = output.find("{\"restore_latency_ms\"").ok_or("no restore report (--json) in the output")?;
-    let json = output[start..].lines().next().unwrap_or("");
-    let latency_ms = json_num(json, "restore_latency_ms").ok_or_else(|| format!("bad restore report: {json}"))?;
-    Ok(Report {
-        latency_ms,
-        faults: json_int(json, "faults"),
-        blocks_on_fault: json_int(json, "blocks_on_fault"),
-        blocks_prefetched: json_int(json, "blocks_prefetched"),
-        resident_ms: json_int(json, "resident_after_ms"),
-    })
-}
-
-fn loader_fields(r: &Report) -> String {
+fn loader_fields(r: &RestoreReport) -> String {
     format!(
         "faults={} blocks_on_fault={} blocks_prefetched={}",
         opt(r.faults),
@@ -377,11 +213,13 @@ fn bench_restore(o: &Opts, mem_mib: u64) -> bool {
     let work = o.common.work.join(format!("restore-{mem_mib}"));
     let snap_dir = work.join("snap");
     let prep = guarded(|| {
-        fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+        create_dir(&work)?;
         let sock = work.join("boot.sock");
         note(&format!("restore {mem_mib} MiB: booting"));
+        // boot_s runs on to the API socket's appearance (it is there by
+        // READY, in practice).
         let t = Instant::now();
-        let mut guest = boot_stasis(o, mem_mib, &sock)?;
+        let (mut guest, _) = o.common.boot_stasis(mem_mib, &sock)?;
         let boot = t.elapsed();
         note("writing 64 MiB of random data to /tmp");
         fill(&mut guest, "blob", 64, WORK_TIMEOUT)?;
@@ -402,12 +240,12 @@ fn bench_restore(o: &Opts, mem_mib: u64) -> bool {
             Ok((boot, snap)) => guarded(|| {
                 note(&format!("restore {mem_mib} MiB {mode}"));
                 let sock = work.join(format!("{mode}.sock"));
-                let r = restore_stasis(o, &snap_dir, args, &sock)?;
+                let r = bench::restore(&o.common, &snap_dir, args, &sock)?;
                 if mode == "lazy" {
                     wait_resident(o, &sock)?;
                 }
                 let output = poweroff(r.guest, EXIT_TIMEOUT)?;
-                let rep = parse_report(&output)?;
+                let rep = RestoreReport::parse(&output)?;
                 Ok(format!(
                     "latency_ms={:.1} first_answer_ms={} resident_ms={} {} boot_s={} snapshot_s={} snapshot_paused_ms={} snapshot_bytes={}",
                     rep.latency_ms,
@@ -416,16 +254,14 @@ fn bench_restore(o: &Opts, mem_mib: u64) -> bool {
                     loader_fields(&rep),
                     secs(*boot),
                     secs(snap.wall),
-                    opt(snap.paused_ms.map(|v| format!("{v:.1}"))),
+                    opt_fixed(snap.paused_ms, 1),
                     snap.bytes
                 ))
             }),
         };
         failed |= emit(&prefix, &result);
     }
-    if !o.common.keep {
-        let _ = fs::remove_dir_all(&work);
-    }
+    o.common.clean(&work);
     failed
 }
 
@@ -486,17 +322,17 @@ fn timed_read(guest: &mut Guest, expect_bytes: u64) -> Res<(Duration, Duration)>
     Ok((Duration::from_nanos(ns), host))
 }
 
-fn read_fields(guest_t: Duration, host_t: Duration, clock: GuestClock, report: Option<&Report>) -> String {
+fn read_fields(guest_t: Duration, host_t: Duration, clock: GuestClock, report: Option<&RestoreReport>) -> String {
     let loader = report.map_or("faults=- blocks_on_fault=- blocks_prefetched=-".to_string(), loader_fields);
     format!("seconds={} host_seconds={} guest_clock={} {loader}", secs(guest_t), secs(host_t), clock.name())
 }
 
 /// Restores `dir` with `args`, reads the file, powers off.
 fn restored_read(o: &Opts, dir: &Path, args: &[&str], sock: &Path, clock: GuestClock) -> Res<String> {
-    let mut r = restore_stasis(o, dir, args, sock)?;
+    let mut r = bench::restore(&o.common, dir, args, sock)?;
     let (g, h) = timed_read(&mut r.guest, o.read_mib() << 20)?;
     let output = poweroff(r.guest, EXIT_TIMEOUT)?;
-    let report = parse_report(&output)?;
+    let report = RestoreReport::parse(&output)?;
     Ok(read_fields(g, h, clock, Some(&report)))
 }
 
@@ -511,7 +347,7 @@ fn regions(o: &Opts, file: &Path) -> Res<String> {
 /// A copy of `snap` whose memory checkpoint is re-packed with 4 KiB
 /// blocks; returns the repack line's fields.
 fn repack_4k(o: &Opts, snap: &Path, out: &Path, raw: &Path) -> Res<String> {
-    fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    create_dir(out)?;
     for entry in fs::read_dir(snap).map_err(|e| format!("cannot list {}: {e}", snap.display()))? {
         let entry = entry.map_err(|e| e.to_string())?;
         if entry.file_name() != "memory.ckpt" {
@@ -546,10 +382,10 @@ fn bench_read(o: &Opts) -> bool {
     let name = format!("read{mib}");
     let mut failed = false;
     let prep = guarded(|| {
-        fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+        create_dir(&work)?;
         let sock = work.join("boot.sock");
         note(&format!("{name}: booting a {guest_mib} MiB guest"));
-        let mut guest = boot_stasis(o, guest_mib, &sock)?;
+        let (mut guest, _) = o.common.boot_stasis(guest_mib, &sock)?;
         note(&format!("writing {mib} MiB of random data to /tmp/f"));
         let t = Instant::now();
         fill(&mut guest, "f", mib, BIG_TIMEOUT)?;
@@ -619,107 +455,20 @@ fn bench_read(o: &Opts) -> bool {
         _ => Err("no 4 KiB checkpoint".to_string()),
     };
     failed |= emit(&format!("{name} mode=lazy-4k"), &r);
-    if !o.common.keep {
-        let _ = fs::remove_dir_all(&work);
-    }
+    o.common.clean(&work);
     failed
 }
 
 // ---- Part 3: QEMU -------------------------------------------------------------------
 
-/// A minimal QMP client: one command a line, replies skipping events.
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path, guest: &Guest, timeout: Duration) -> Res<Qmp> {
-        let deadline = Instant::now() + timeout;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(format!(
-                        "cannot connect to QMP at {}: {e}; QEMU's output: {}",
-                        path.display(),
-                        last_chars(&guest.output(), 300)
-                    ))
-                }
-                Err(_) => thread::sleep(Duration::from_millis(20)),
-            }
-        };
-        stream.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
-        let writer = stream.try_clone().map_err(|e| e.to_string())?;
-        let mut qmp = Qmp { reader: BufReader::new(stream), writer };
-        let greeting = qmp.line()?;
-        if !greeting.contains("\"QMP\"") {
-            return Err(format!("unexpected QMP greeting: {greeting}"));
-        }
-        qmp.execute(r#"{"execute":"qmp_capabilities"}"#)?;
-        Ok(qmp)
-    }
-
-    fn line(&mut self) -> Res<String> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => Err("QMP connection closed".into()),
-            Ok(_) => Ok(line),
-            Err(e) => Err(format!("reading QMP: {e}")),
-        }
-    }
-
-    /// Sends one command; returns its `return` line or its error.
-    fn execute(&mut self, command: &str) -> Res<String> {
-        self.writer
-            .write_all(format!("{command}\n").as_bytes())
-            .map_err(|e| format!("writing QMP: {e}"))?;
-        loop {
-            let line = self.line()?;
-            if line.contains("\"event\"") {
-                continue;
-            }
-            if line.contains("\"error\"") {
-                return Err(format!("QMP {command} failed: {}", line.trim()));
-            }
-            if line.contains("\"return\"") {
-                return Ok(line);
-            }
-        }
-    }
-}
-
-fn qemu_command(o: &Opts, mem_mib: u64, qmp: &Path) -> Command {
-    let mut cmd = o.common.qemu(QEMU_CMDLINE, mem_mib);
-    cmd.args(["-nic", "none"]).arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
-    cmd
-}
-
-/// Why QEMU cannot run here, if it cannot.
-fn qemu_unavailable(o: &Opts) -> Option<String> {
-    match bench::version_of(&o.common.qemu_bin) {
-        Err(e) => Some(e),
-        Ok(version) => {
-            note(&version);
-            None
-        }
-    }
-}
-
 fn bench_qemu(o: &Opts, mem_mib: u64) -> Res<String> {
     let work = o.common.work.join(format!("qemu-{mem_mib}"));
-    fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    create_dir(&work)?;
     let file = work.join("vm.migration");
     let result = guarded(|| {
         // Boot and dirty 64 MiB, as for stasis.
-        let qmp_path = work.join("qmp.sock");
-        let _ = fs::remove_file(&qmp_path);
         note(&format!("qemu {mem_mib} MiB: booting"));
-        let t = Instant::now();
-        let mut guest = Guest::spawn_command(qemu_command(o, mem_mib, &qmp_path));
-        guest.expect(READY, BOOT_TIMEOUT);
-        let boot = t.elapsed();
-        let mut qmp = Qmp::connect(&qmp_path, &guest, ANSWER_TIMEOUT)?;
+        let (mut guest, mut qmp, boot) = o.common.boot_qemu(mem_mib, &work.join("qmp.sock"))?;
         note("writing 64 MiB of random data to /tmp");
         fill(&mut guest, "blob", 64, WORK_TIMEOUT)?;
 
@@ -741,19 +490,13 @@ fn bench_qemu(o: &Opts, mem_mib: u64) -> Res<String> {
         };
         let save = t.elapsed();
         let migrate_ms = json_int(&done, "total-time");
-        // quit: the reply may not arrive before QEMU closes the socket.
-        let _ = qmp.execute(r#"{"execute":"quit"}"#);
-        drop(qmp);
-        let (status, output) = guest.wait_exit(EXIT_TIMEOUT);
-        if !status.success() {
-            return Err(format!("QEMU exited with {status} after quit: {}", last_chars(&output, 300)));
-        }
+        qmp.quit(guest, EXIT_TIMEOUT)?;
         let file_bytes = fs::metadata(&file).map_err(|e| format!("no migration file: {e}"))?.len();
 
         note("restore: -incoming exec:cat, then cont");
         let qmp_path = work.join("qmp-in.sock");
         let _ = fs::remove_file(&qmp_path);
-        let mut cmd = qemu_command(o, mem_mib, &qmp_path);
+        let mut cmd = o.common.qemu_qmp(mem_mib, &qmp_path);
         cmd.arg("-incoming").arg(format!("exec:cat {}", file.display()));
         let t0 = Instant::now();
         let mut guest = Guest::spawn_command(cmd);
@@ -769,11 +512,7 @@ fn bench_qemu(o: &Opts, mem_mib: u64) -> Res<String> {
         }
         let incoming = t0.elapsed();
         qmp.execute(r#"{"execute":"cont"}"#)?;
-        let from = guest.output().len();
-        guest.send_line(PING);
-        guest.wait_until("the console's answer after restore", ANSWER_TIMEOUT, |t| {
-            marker_value(t, from, "PONG").is_some()
-        });
+        ping_restored(&mut guest, ANSWER_TIMEOUT);
         let answer = t0.elapsed();
         drop(qmp);
         poweroff(guest, EXIT_TIMEOUT)?;
@@ -786,9 +525,7 @@ fn bench_qemu(o: &Opts, mem_mib: u64) -> Res<String> {
             secs(answer)
         ))
     });
-    if !o.common.keep {
-        let _ = fs::remove_dir_all(&work);
-    }
+    o.common.clean(&work);
     result
 }
 
@@ -803,7 +540,7 @@ fn main() {
         }
     }
     if o.qemu {
-        match qemu_unavailable(&o) {
+        match o.common.qemu_unavailable() {
             Some(reason) => {
                 println!("qemu: unavailable: {}", reason.replace('\n', " "));
                 failed = true;
