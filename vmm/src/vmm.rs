@@ -279,7 +279,11 @@ struct Finishing {
     taken: Option<DirtyPages>,
     /// Disks copied, and data bytes copied.
     disks: (usize, u64),
-    paused_for: Duration,
+    /// How long the vCPUs were paused, once they run again.
+    paused_for: Option<Duration>,
+    /// When they were paused.
+    paused_at: Instant,
+    /// When the request came.
     started: Instant,
     /// The memory write's outcome, once known.
     memory: Option<Result<WriteStats, String>>,
@@ -549,7 +553,7 @@ impl Vmm {
                 log::info!(
                     "snapshot {}: guest running again after {:.1} ms; memory being written by process {}",
                     out.display(),
-                    finishing.paused_for.as_secs_f64() * 1000.0,
+                    finishing.paused_for.unwrap_or_default().as_secs_f64() * 1000.0,
                     child.pid()
                 );
                 let events = self.events_tx.clone();
@@ -743,7 +747,9 @@ impl Vmm {
             self.dirty.start(&self.vm, &self.mem)?;
         }
         let was_paused = self.paused;
+        let paused_at = Instant::now();
         self.pause()?;
+        log::debug!("snapshot: vCPUs paused after {:.1} ms", paused_at.elapsed().as_secs_f64() * 1000.0);
         // Every snapshot takes the pages changed since the one before.
         let taken = match self.dirty.take(&self.vm, &self.mem) {
             Ok(pages) => Some(pages),
@@ -753,20 +759,23 @@ impl Vmm {
             }
         };
         let changed = if identity.parent.is_some() { taken.clone() } else { None };
-        match self.capture(&writer, identity.parent.as_ref(), changed, live, was_paused) {
+        match self.capture(&writer, identity.parent.as_ref(), changed, live, was_paused, paused_at) {
             Ok((state, disks, child, memory)) => Ok(Begun {
                 writer,
-                child,
                 finishing: Finishing {
                     identity,
                     parent_dir: parent_dir.map(Path::to_path_buf),
                     state,
                     taken,
                     disks,
-                    paused_for: started.elapsed(),
+                    // Live: the vCPUs run again already; stop-the-world:
+                    // they do once the snapshot is finished.
+                    paused_for: child.as_ref().map(|_| paused_at.elapsed()),
+                    paused_at,
                     started,
                     memory,
                 },
+                child,
             }),
             Err(e) => {
                 if let Some(pages) = taken {
@@ -800,11 +809,15 @@ impl Vmm {
         changed: Option<DirtyPages>,
         live: bool,
         was_paused: bool,
+        paused_at: Instant,
     ) -> Result<(SnapshotState, (usize, u64), Option<ChildWriter>, Option<Result<WriteStats, String>>), VmmError> {
+        let phase = |what: &str| log::debug!("snapshot: {what} at {:.1} ms", paused_at.elapsed().as_secs_f64() * 1000.0);
+        phase("dirty pages taken");
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for vcpu in &self.vcpus {
             vcpus.push(vcpu.save_state()?);
         }
+        phase("vCPU state saved");
         // A lazily restored VM not fully resident: what is not loaded yet
         // is read from the checkpoint it came from.
         let not_resident = match &self.lazy {
@@ -840,16 +853,20 @@ impl Vmm {
             };
             virtio.push(SavedVirtioDevice { backend, state: transport.snapshot() });
         }
+        phase("devices saved, disks copied");
         let vm = vm::save_vm_state(&self.vm)?;
         let state = SnapshotState { machine: self.machine.clone(), vcpus, vm, devices: self.devices.state(), virtio };
         let mut source = VmMemory::new(self.mem.clone(), not_resident, changed);
         let options = WriterOptions { parent_index_crc: parent.map(|p| p.index_crc), ..Default::default() };
         if live {
+            phase("VM state saved");
             let child = fork_writer(writer.memory_path(), source, options).map_err(VmmError::ForkWriter)?;
+            phase("memory writer forked");
             drop(transports);
             if !was_paused {
                 self.resume()?;
             }
+            phase("vCPUs resumed");
             return Ok((state, (disks, disk_bytes_copied), Some(child), None));
         }
         if let Err(e) = source.scan_touched() {
@@ -885,7 +902,7 @@ impl Vmm {
                     state_bytes,
                     disks: finishing.disks.0,
                     disk_bytes_copied: finishing.disks.1,
-                    paused_for: finishing.paused_for,
+                    paused_for: finishing.paused_for.unwrap_or_else(|| finishing.paused_at.elapsed()),
                     total: finishing.started.elapsed(),
                     parent: finishing.parent_dir.clone(),
                 })
