@@ -79,8 +79,8 @@ pub(crate) struct NotResident {
 /// A VM's memory as a checkpoint source; see the module documentation.
 pub(crate) struct VmMemory {
     mem: GuestMemoryMmap,
-    /// Per region: pages ever populated (present or swapped), once scanned.
-    touched: Option<Vec<Vec<u64>>>,
+    /// Pages ever populated (present or swapped), once scanned.
+    touched: Option<DirtyPages>,
     not_resident: Option<NotResident>,
     /// For an incremental snapshot: pages changed since the parent.
     changed: Option<DirtyPages>,
@@ -103,7 +103,7 @@ impl VmMemory {
                 .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))? as u64;
             touched.push(populated_pages(&pagemap, host, region.len())?);
         }
-        self.touched = Some(touched);
+        self.touched = Some(DirtyPages::from_bitmaps(touched));
         Ok(())
     }
 
@@ -150,12 +150,6 @@ fn populated_pages(pagemap: &File, host: u64, len: u64) -> std::io::Result<Vec<u
     Ok(bits)
 }
 
-fn any_bit(bits: &[u64], offset: u64, len: usize) -> bool {
-    let first = (offset / PAGE_SIZE as u64) as usize;
-    let last = ((offset + len as u64).saturating_sub(1) / PAGE_SIZE as u64) as usize;
-    (first..=last).any(|p| bits.get(p / 64).is_none_or(|w| w & (1 << (p % 64)) != 0))
-}
-
 impl MemorySource for VmMemory {
     fn regions(&self) -> Vec<Region> {
         self.mem.regions()
@@ -171,8 +165,8 @@ impl MemorySource for VmMemory {
         if self.not_loaded(start + offset, len).next().is_some() {
             return BlockHint::Read;
         }
-        match self.touched.as_ref().and_then(|t| t.get(region)) {
-            Some(bits) if !any_bit(bits, offset, len) => BlockHint::Zero,
+        match &self.touched {
+            Some(touched) if !touched.any(region, offset, len) => BlockHint::Zero,
             _ => BlockHint::Read,
         }
     }

@@ -61,6 +61,12 @@ impl DirtyPages {
         DirtyPages { regions }
     }
 
+    /// The pages whose bits are set in `regions` (one bitmap per region,
+    /// in the layout above).
+    pub fn from_bitmaps(regions: Vec<Vec<u64>>) -> Self {
+        DirtyPages { regions }
+    }
+
     /// Adds every page of `other`.
     pub fn merge(&mut self, other: &DirtyPages) {
         for (mine, theirs) in self.regions.iter_mut().zip(&other.regions) {
