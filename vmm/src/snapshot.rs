@@ -56,7 +56,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::checkpoint::source::BlockHint;
 use crate::checkpoint::{
@@ -180,29 +180,36 @@ impl MemorySource for VmMemory {
     ) -> Result<&'a [u8], SourceError> {
         let start = self.region_start(region).ok_or(SourceError::CheckRange { region, offset, end: offset })?;
         let gpa = start + offset;
-        let missing: Vec<usize> = self.not_loaded(gpa, len).collect();
-        let Some(nr) = self.not_resident.as_ref().filter(|_| !missing.is_empty()) else {
+        let Some(nr) = self.not_resident.as_ref().filter(|_| self.not_loaded(gpa, len).next().is_some()) else {
             return self.mem.block(region, offset, len, scratch);
         };
-        // Some of it is still only in the restore checkpoint: the resident
-        // part from memory, the rest from the checkpoint.
-        self.mem.block(region, offset, len, scratch)?;
+        // Some of it is still only in the restore checkpoint: each restore
+        // block's part from guest memory if it is in, from the checkpoint
+        // if not (reading it through memory would fault it in, or, in the
+        // forked writer, read zeros).
+        let outside = || SourceError::CheckRange { region, offset, end: offset + len as u64 };
+        let first = nr.reader.block_of(gpa).ok_or_else(outside)?;
+        let last = nr.reader.block_of(gpa + len as u64 - 1).ok_or_else(outside)?;
+        scratch.resize(len, 0);
         let mut buf = Vec::new();
-        for block in missing {
-            let info = nr
-                .reader
-                .block_info(block)
-                .ok_or(SourceError::CheckRange { region, offset, end: offset + len as u64 })?;
+        for block in first..=last {
+            let info = nr.reader.block_info(block).ok_or_else(outside)?;
+            // The overlap of the restore block and this one.
+            let from = info.guest_addr.max(gpa);
+            let to = (info.guest_addr + info.len as u64).min(gpa + len as u64);
+            let dst = &mut scratch[(from - gpa) as usize..(to - gpa) as usize];
+            if nr.resident.get(block).copied().unwrap_or(true) {
+                self.mem
+                    .read_slice(dst, GuestAddress(from))
+                    .map_err(|source| SourceError::ReadGuestMemory { addr: from, source })?;
+                continue;
+            }
             buf.resize(info.len, 0);
             let data = nr.reader.read_block(block, &mut buf).map_err(|e| SourceError::ReadImage {
                 offset: info.guest_addr,
                 source: std::io::Error::other(error_chain(&e)),
             })?;
-            // The overlap of the restore block and this one.
-            let from = info.guest_addr.max(gpa);
-            let to = (info.guest_addr + info.len as u64).min(gpa + len as u64);
-            let src = &data[(from - info.guest_addr) as usize..(to - info.guest_addr) as usize];
-            scratch[(from - gpa) as usize..(to - gpa) as usize].copy_from_slice(src);
+            dst.copy_from_slice(&data[(from - info.guest_addr) as usize..(to - info.guest_addr) as usize]);
         }
         Ok(&scratch[..len])
     }
@@ -430,6 +437,28 @@ mod tests {
         let source = VmMemory::new(mem, None, Some(changed));
         assert_eq!(source.hint(0, 0, 64 << 10), BlockHint::Parent);
         assert_eq!(source.hint(0, 1 << 20, 64 << 10), BlockHint::Read, "a block with one changed page is written");
+    }
+
+    #[test]
+    fn blocks_not_loaded_yet_come_from_the_restore_checkpoint_and_the_rest_from_memory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("restore.ckpt");
+        let image = vec![5u8; 4 << 20];
+        checkpoint::write_checkpoint(&path, &checkpoint::ImageSource::flat(&image), &WriterOptions::default(), &mut |_, _| {})
+            .expect("write");
+        let reader = Reader::open(&path).expect("open");
+        let mem = crate::vstate::memory::create_guest_memory(4 << 20).expect("memory");
+        mem.write_slice(&[9u8; 4 << 20], GuestAddress(0)).expect("write");
+        // Restore block 1 (64 KiB .. 128 KiB) is not in memory yet.
+        let mut resident = vec![true; reader.block_count()];
+        resident[1] = false;
+        let source = VmMemory::new(mem, Some(NotResident { reader, resident }), None);
+        let mut scratch = Vec::new();
+        let data = source.block(0, 0, 256 << 10, &mut scratch).expect("block");
+        assert!(data[..64 << 10].iter().all(|&b| b == 9), "a loaded block is read from memory");
+        assert!(data[64 << 10..128 << 10].iter().all(|&b| b == 5), "a block not loaded is read from the checkpoint");
+        assert!(data[128 << 10..].iter().all(|&b| b == 9));
+        assert_eq!(source.hint(0, 64 << 10, 64 << 10), BlockHint::Read);
     }
 
     #[test]
