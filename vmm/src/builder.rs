@@ -7,7 +7,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -30,10 +30,12 @@ use crate::devices::cmos::{Cmos, CmosStateError, HostClock};
 use crate::devices::legacy::{I8042, IrqTrigger, SerialDevice, SerialStateError};
 use crate::layout::{self, ports};
 use crate::persist::{self, MachineConfig, PersistError, SnapshotState, VirtioBackend};
-use crate::restore::uffd::{self, LazyMemory, UffdError};
+use crate::restore::uffd::{self, LazyMemory, LazyOptions, UffdError, WorkingSetPlan};
+use crate::restore::working_set;
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{self, supported_cpuid, Vcpu, VcpuError};
 use crate::vstate::vm::{self, VmError, VmStateError};
+use crate::error_chain;
 use crate::vmm::{Console, Devices, LatestSnapshot, SlotBackend, VirtioSlot, VmEvent, Vmm, WorkingDisks};
 use crate::vstate::dirty::{DirtyError, DirtyLog};
 
@@ -129,9 +131,29 @@ pub enum MemoryMode {
     Lazy {
         /// Load the remaining blocks in the background.
         prefetch: bool,
+        /// What to do about the snapshot's working set.
+        working_set: WorkingSetMode,
+        /// Load the working set before the vCPUs start (else while they
+        /// run).
+        working_set_before: bool,
+        /// How long a recording of the working set lasts.
+        working_set_window: Duration,
     },
     /// All of it before the VM runs.
     Eager,
+}
+
+/// What a lazy restore does about the snapshot's working set (see
+/// [`crate::restore::working_set`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkingSetMode {
+    /// Loads the saved one first; records one when there is none, or the
+    /// saved one cannot be used (after a warning saying why).
+    Auto,
+    /// Records a new one, whatever is saved.
+    Record,
+    /// Neither loads nor records one.
+    Off,
 }
 
 /// Where a restored VM's disks come from.
@@ -443,8 +465,22 @@ pub fn build_microvm_from_snapshot(
     // Memory before any vCPU can run. Lazy: registered with userfaultfd and
     // served by the handler thread from here on.
     let (lazy, mode_name) = match memory {
-        MemoryMode::Lazy { prefetch } => {
-            let lazy = LazyMemory::start(&mem, Arc::new(reader), prefetch, events_tx.clone())?;
+        MemoryMode::Lazy { prefetch, working_set, working_set_before, working_set_window } => {
+            let record = WorkingSetPlan::Record { window: working_set_window, dir: dir.to_path_buf() };
+            let plan = match working_set {
+                WorkingSetMode::Off => WorkingSetPlan::Off,
+                WorkingSetMode::Record => record,
+                WorkingSetMode::Auto => match working_set::load(dir, &reader) {
+                    Ok(Some(set)) => WorkingSetPlan::Load { set, before_vcpus: working_set_before },
+                    Ok(None) => record,
+                    Err(e) => {
+                        log::warn!("ignoring the working set: {}; recording a new one", error_chain(&e));
+                        record
+                    }
+                },
+            };
+            let options = LazyOptions { prefetch, working_set: plan };
+            let lazy = LazyMemory::start(&mem, Arc::new(reader), options, events_tx.clone())?;
             (Some(lazy), "lazy")
         }
         MemoryMode::Eager => {

@@ -3,11 +3,11 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use stasis::api::{self, AfterSnapshot, ApiRequest};
-use stasis::builder::{self, DiskSource, MemoryMode, RestoreOptions};
+use stasis::builder::{self, DiskSource, MemoryMode, RestoreOptions, WorkingSetMode};
 use stasis::vmm::{GuestExit, RestoreReport};
 use stasis::config::{parse_size, ConfigError, VmConfig};
 use stasis::error_chain;
@@ -97,6 +97,19 @@ enum OnOff {
     Off,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum WorkingSetArg {
+    Auto,
+    Record,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum WorkingSetLoadArg {
+    Before,
+    During,
+}
+
 #[derive(Debug, clap::Args)]
 struct RestoreArgs {
     /// Snapshot directory.
@@ -107,6 +120,21 @@ struct RestoreArgs {
     /// Load the rest of memory in the background after resume (lazy only).
     #[arg(long, value_enum, default_value = "on")]
     prefetch: OnOff,
+    /// The snapshot's working set (the memory blocks a restored guest
+    /// needs first; lazy only): `auto` loads the one saved in the snapshot
+    /// directory first and records one when there is none (or it cannot be
+    /// used: a warning says why); `record` records a new one; `off` does
+    /// neither.
+    #[arg(long, value_enum, default_value = "auto")]
+    working_set: WorkingSetArg,
+    /// Load the working set `before` the vCPUs start, or `during` their
+    /// first moments (faults served first).
+    #[arg(long, value_enum, default_value = "during")]
+    working_set_load: WorkingSetLoadArg,
+    /// How long a recording of the working set lasts, in milliseconds
+    /// after memory is set up; background prefetch waits for its end.
+    #[arg(long, value_name = "MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    working_set_window: u64,
     /// Serve the control API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
@@ -241,6 +269,11 @@ fn boot(args: BootArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     Ok(exit_for(result?))
 }
 
+/// A figure, or `-` when there is none.
+fn dash(value: Option<u64>) -> String {
+    value.map_or("-".to_string(), |v| v.to_string())
+}
+
 fn print_restore_report(report: Option<RestoreReport>, json: bool) {
     let Some(report) = report else { return };
     if json {
@@ -255,11 +288,21 @@ fn print_restore_report(report: Option<RestoreReport>, json: bool) {
     );
     if let Some(l) = report.loader {
         line.push_str(&format!(
-            " faults={} blocks_on_fault={} blocks_prefetched={} resident_after_ms={}",
+            " faults={} blocks_on_fault={} blocks_prefetched={} resident_after_ms={} fault_p50_us={} fault_p99_us={}",
             l.faults,
             l.blocks_on_fault,
             l.blocks_prefetched,
-            l.resident_after_ms.map_or("-".to_string(), |ms| ms.to_string())
+            dash(l.resident_after_ms),
+            dash(l.fault_p50_us),
+            dash(l.fault_p99_us),
+        ));
+        let ws = l.working_set;
+        line.push_str(&format!(
+            " working_set={} working_set_blocks={} blocks_working_set={} working_set_ms={}",
+            serde_json::to_value(ws.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+            ws.blocks,
+            l.blocks_working_set,
+            dash(ws.loaded_ms),
         ));
     }
     eprintln!("{line}");
@@ -267,7 +310,16 @@ fn print_restore_report(report: Option<RestoreReport>, json: bool) {
 
 fn restore(args: RestoreArgs, start: Instant) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let memory = match args.memory {
-        MemoryArg::Lazy => MemoryMode::Lazy { prefetch: matches!(args.prefetch, OnOff::On) },
+        MemoryArg::Lazy => MemoryMode::Lazy {
+            prefetch: matches!(args.prefetch, OnOff::On),
+            working_set: match args.working_set {
+                WorkingSetArg::Auto => WorkingSetMode::Auto,
+                WorkingSetArg::Record => WorkingSetMode::Record,
+                WorkingSetArg::Off => WorkingSetMode::Off,
+            },
+            working_set_before: matches!(args.working_set_load, WorkingSetLoadArg::Before),
+            working_set_window: Duration::from_millis(args.working_set_window),
+        },
         MemoryArg::Eager => MemoryMode::Eager,
     };
     let disks = match args.disk_source {

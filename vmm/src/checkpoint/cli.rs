@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 
 use super::format::{BlockKind, MAX_STORAGE_BLOCK};
+use crate::restore::working_set::{self, WorkingSetError, WorkingSetSummary};
 use super::reader::{ReadError, Reader, ReaderOptions, Summary};
 use super::source::{FileSource, SourceError};
 use super::writer::{
@@ -452,11 +453,35 @@ fn verify(out: &mut dyn Write, file: &Path, parents: &[PathBuf]) -> Result<(), C
     }
 }
 
+/// Whether `file` (given with `parents`) names a snapshot directory.
+fn is_snapshot_dir(file: &Path, parents: &[PathBuf]) -> bool {
+    parents.is_empty() && file.join(crate::persist::MANIFEST_FILE).is_file()
+}
+
+/// The working set line of `inspect` on a snapshot directory.
+fn write_working_set(
+    out: &mut dyn Write,
+    ws: &Result<Option<WorkingSetSummary>, WorkingSetError>,
+) -> std::io::Result<()> {
+    match ws {
+        Ok(Some(ws)) => writeln!(
+            out,
+            "working set  {} block{} ({}) recorded over {} ms, loaded first on restore",
+            ws.blocks,
+            if ws.blocks == 1 { "" } else { "s" },
+            human(ws.bytes),
+            ws.window_ms
+        ),
+        Ok(None) => writeln!(out, "working set  none (the next lazy restore records one)"),
+        Err(e) => writeln!(out, "working set  unusable, ignored on restore: {}", crate::error_chain(e)),
+    }
+}
+
 /// A snapshot directory (one with a manifest, given without `--parent`)
 /// stands for its memory checkpoint and those of the parents its
 /// manifest chain names; anything else is passed through.
 fn snapshot_layers(file: PathBuf, parents: Vec<PathBuf>) -> Result<(PathBuf, Vec<PathBuf>), CliError> {
-    if !parents.is_empty() || !file.join(crate::persist::MANIFEST_FILE).is_file() {
+    if !is_snapshot_dir(&file, &parents) {
         return Ok((file, parents));
     }
     let snapshot = crate::persist::open_snapshot(&file).map_err(CliError::Snapshot)?;
@@ -482,14 +507,29 @@ pub fn run_to(cmd: CheckpointCommand, out: &mut dyn Write) -> Result<(), CliErro
             parents,
             json,
         } => {
+            let snapshot_dir = is_snapshot_dir(&file, &parents).then(|| file.clone());
             let (file, parents) = snapshot_layers(file, parents)?;
             let reader = open_chain(&file, &parents).map_err(CliError::Inspect)?;
             let summary = reader.summary();
+            // A snapshot directory may hold a working set for its memory.
+            let working_set = snapshot_dir.map(|dir| working_set::summary(&dir, &reader));
             if json {
-                serde_json::to_writer_pretty(&mut *out, &summary).map_err(CliError::EncodeJson)?;
+                let mut value = serde_json::to_value(&summary).map_err(CliError::EncodeJson)?;
+                if let (Some(ws), Some(map)) = (&working_set, value.as_object_mut()) {
+                    let ws = match ws {
+                        Ok(ws) => serde_json::to_value(ws).map_err(CliError::EncodeJson)?,
+                        Err(e) => serde_json::json!({ "unusable": crate::error_chain(e) }),
+                    };
+                    map.insert("working_set".into(), ws);
+                }
+                serde_json::to_writer_pretty(&mut *out, &value).map_err(CliError::EncodeJson)?;
                 writeln!(out).map_err(CliError::WriteStdout)
             } else {
-                write_summary(out, &file, &summary).map_err(CliError::WriteStdout)
+                write_summary(out, &file, &summary).map_err(CliError::WriteStdout)?;
+                match working_set {
+                    Some(ws) => write_working_set(out, &ws).map_err(CliError::WriteStdout),
+                    None => Ok(()),
+                }
             }
         }
         CheckpointCommand::Verify { file, parents } => {

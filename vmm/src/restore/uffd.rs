@@ -1,25 +1,51 @@
 //! Lazy guest memory: the VM runs at once on empty memory registered with
-//! userfaultfd, and a handler thread fills it on demand from a checkpoint.
+//! userfaultfd, and the loader fills it from a checkpoint, ahead of the
+//! guest where it can and on demand where it cannot.
 //!
-//! On a fault at guest address `gpa`, the handler finds the memory block
-//! holding `gpa`, has the checkpoint reader read and decompress the storage
-//! block holding it (the reader caches recent storage blocks, so
-//! neighbouring faults do not touch the disk again), and copies the whole
-//! memory block in with `UFFDIO_COPY` (`UFFDIO_ZEROPAGE` for zero blocks),
-//! which also wakes the faulting vCPU. Between faults, background prefetch
-//! loads the remaining data blocks in file order, one block at a time, so
-//! a fault never waits behind more than one prefetched block.
+//! Threads and their work:
 //!
-//! Zero blocks are not prefetched: once every data block is in, the
-//! handler unregisters guest memory from userfaultfd, and the pages still
+//! - The **fault thread** serves only faults. On a fault at guest address
+//!   `gpa` it finds the memory block holding `gpa`, has the checkpoint
+//!   reader read and decompress it straight into the buffer it hands to
+//!   `UFFDIO_COPY` (`UFFDIO_ZEROPAGE` for zero blocks), which also wakes
+//!   the faulting vCPU. Up to [`FAULT_BATCH`] missing data blocks that
+//!   follow it come along in the same copy. A fault never waits behind
+//!   background work: a block a loader thread has claimed but not copied
+//!   yet is loaded again by the fault thread (`UFFDIO_COPY` never
+//!   overwrites a present page, so whichever copy comes second only steps
+//!   over the pages the first put in).
+//! - **Loader threads** (up to [`MAX_LOADER_THREADS`]) load, in parallel,
+//!   first the working set (see [`super::working_set`]) in its recorded
+//!   order, then every other data block in file order (background
+//!   prefetch), in runs of up to [`RUN_BLOCKS`] neighbouring blocks per
+//!   `UFFDIO_COPY`. A loader claims each block of a run before reading
+//!   it, so two loaders never read the same block. Once a loader turns to
+//!   background prefetch it moves itself to `SCHED_IDLE`, so that it uses
+//!   only CPU time the guest leaves idle.
+//!
+//! The working set is loaded either before the vCPUs start
+//! ([`WorkingSetPlan::Load`] with `before_vcpus`; the restore returns once
+//! it is in) or while they run, the faults taking priority. A restore
+//! without one can record it ([`WorkingSetPlan::Record`]): for a window
+//! the fault thread notes the blocks the guest faults on, in order, with
+//! prefetch held back and no fault batching, then saves the list beside
+//! the snapshot.
+//!
+//! Zero blocks are not prefetched: once every data block is in, the fault
+//! thread unregisters guest memory from userfaultfd, and the pages still
 //! missing (all in zero blocks) become plain anonymous memory that the
 //! kernel fills with zeros on first touch, with no round trip through the
 //! handler. Unregistering wakes any vCPU still waiting on such a page.
+//!
+//! The fault thread times each fault it serves with a load, from reading
+//! the event to the copy that wakes the vCPU; `status` and the restore
+//! report give the median and 99th percentile.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -28,8 +54,24 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::vstate::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::checkpoint::{BlockKind, Reader};
+use super::working_set::{self, WorkingSet};
+use crate::checkpoint::{BlockInfo, BlockKind, Reader};
 use crate::error_chain;
+
+/// Most memory blocks one fault loads: the faulted block and the missing
+/// data blocks right after it (256 KiB at the default 64 KiB blocks), for
+/// guests that read memory in order.
+pub const FAULT_BATCH: usize = 4;
+
+/// Most neighbouring blocks a loader thread reads and copies in at once
+/// (1 MiB at the default block size).
+pub const RUN_BLOCKS: usize = 16;
+
+/// Most loader threads.
+pub const MAX_LOADER_THREADS: usize = 4;
+
+/// Fault service times kept for the percentiles (4 MiB at most).
+const MAX_TIMED_FAULTS: usize = 1 << 20;
 
 /// Errors while setting up lazy memory.
 #[derive(Debug, thiserror::Error)]
@@ -49,8 +91,8 @@ pub enum UffdError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
-    /// The handler thread could not be started.
-    #[error("cannot start the page fault handler thread")]
+    /// A loader thread could not be started.
+    #[error("cannot start the memory loader's threads")]
     Spawn(#[source] std::io::Error),
     /// The handler thread is gone.
     #[error("the page fault handler has stopped")]
@@ -64,6 +106,66 @@ pub enum UffdError {
 #[derive(Debug)]
 pub struct MemoryFailure(pub String);
 
+/// What a lazy restore does about the working set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkingSetPlan {
+    /// Neither loads nor records one.
+    Off,
+    /// Loads `set` first: before the vCPUs start (the restore waits for
+    /// it) or while they run.
+    Load { set: WorkingSet, before_vcpus: bool },
+    /// Records the blocks the guest faults on during `window` and saves
+    /// them as the working set of snapshot directory `dir`.
+    Record { window: Duration, dir: PathBuf },
+}
+
+/// How a lazy restore loads memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LazyOptions {
+    /// Load the data blocks nobody asked for in the background.
+    pub prefetch: bool,
+    /// The working set.
+    pub working_set: WorkingSetPlan,
+}
+
+/// Where the working set stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkingSetState {
+    /// None loaded or recorded.
+    None,
+    /// Being loaded.
+    Loading,
+    /// Loaded.
+    Loaded,
+    /// Being recorded.
+    Recording,
+    /// Recorded (and saved, unless a warning said otherwise).
+    Recorded,
+}
+
+impl WorkingSetState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => WorkingSetState::Loading,
+            2 => WorkingSetState::Loaded,
+            3 => WorkingSetState::Recording,
+            4 => WorkingSetState::Recorded,
+            _ => WorkingSetState::None,
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            WorkingSetState::None => 0,
+            WorkingSetState::Loading => 1,
+            WorkingSetState::Loaded => 2,
+            WorkingSetState::Recording => 3,
+            WorkingSetState::Recorded => 4,
+        }
+    }
+}
+
 /// Counters of the lazy loader.
 #[derive(Debug, Default)]
 pub struct LoaderStats {
@@ -73,13 +175,36 @@ pub struct LoaderStats {
     pub blocks_on_fault: AtomicU64,
     /// Memory blocks loaded by background prefetch.
     pub blocks_prefetched: AtomicU64,
-    /// Milliseconds from the handler's start until every data block was
+    /// Memory blocks loaded as the working set.
+    pub blocks_working_set: AtomicU64,
+    /// Milliseconds from the loader's start until every data block was
     /// in and memory was released from userfaultfd; 0 until then.
     pub resident_after_ms: AtomicU64,
+    /// A [`WorkingSetState`].
+    working_set_state: AtomicU8,
+    /// Blocks in the working set being loaded or recorded.
+    working_set_blocks: AtomicU64,
+    /// Milliseconds from the loader's start until the working set was in
+    /// (or its recording ended); 0 until then.
+    working_set_ms: AtomicU64,
+    /// Service time of each fault that loaded a block, in microseconds.
+    service_us: Mutex<Vec<u32>>,
+}
+
+/// The working set part of a [`LoaderReport`].
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct WorkingSetReport {
+    /// Where it stands.
+    pub state: WorkingSetState,
+    /// Blocks in it (recorded so far, while recording).
+    pub blocks: u64,
+    /// Milliseconds from the loader's start until it was loaded or its
+    /// recording ended.
+    pub loaded_ms: Option<u64>,
 }
 
 /// A plain copy of [`LoaderStats`].
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+#[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct LoaderReport {
     /// Page faults received.
     pub faults: u64,
@@ -87,19 +212,51 @@ pub struct LoaderReport {
     pub blocks_on_fault: u64,
     /// Memory blocks loaded by prefetch.
     pub blocks_prefetched: u64,
+    /// Memory blocks loaded as the working set.
+    pub blocks_working_set: u64,
     /// Milliseconds until fully resident, if it is.
     pub resident_after_ms: Option<u64>,
+    /// Median service time of a fault that loaded memory, in microseconds.
+    pub fault_p50_us: Option<u64>,
+    /// 99th percentile of the same.
+    pub fault_p99_us: Option<u64>,
+    /// The working set.
+    pub working_set: WorkingSetReport,
 }
 
 impl LoaderStats {
     /// A snapshot of the counters.
     pub fn report(&self) -> LoaderReport {
-        let resident = self.resident_after_ms.load(Ordering::Relaxed);
+        let nonzero = |v: u64| (v > 0).then_some(v);
+        let mut times = self.service_us.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        times.sort_unstable();
+        let percentile = |p: usize| {
+            (!times.is_empty()).then(|| u64::from(times[((times.len() * p).div_ceil(100)).max(1) - 1]))
+        };
         LoaderReport {
             faults: self.faults.load(Ordering::Relaxed),
             blocks_on_fault: self.blocks_on_fault.load(Ordering::Relaxed),
             blocks_prefetched: self.blocks_prefetched.load(Ordering::Relaxed),
-            resident_after_ms: (resident > 0).then_some(resident),
+            blocks_working_set: self.blocks_working_set.load(Ordering::Relaxed),
+            resident_after_ms: nonzero(self.resident_after_ms.load(Ordering::Relaxed)),
+            fault_p50_us: percentile(50),
+            fault_p99_us: percentile(99),
+            working_set: WorkingSetReport {
+                state: WorkingSetState::from_u8(self.working_set_state.load(Ordering::Relaxed)),
+                blocks: self.working_set_blocks.load(Ordering::Relaxed),
+                loaded_ms: nonzero(self.working_set_ms.load(Ordering::Relaxed)),
+            },
+        }
+    }
+
+    fn set_working_set(&self, state: WorkingSetState) {
+        self.working_set_state.store(state.to_u8(), Ordering::Relaxed);
+    }
+
+    fn time_fault(&self, took: Duration) {
+        let mut times = self.service_us.lock().unwrap_or_else(PoisonError::into_inner);
+        if times.len() < MAX_TIMED_FAULTS {
+            times.push(took.as_micros().min(u128::from(u32::MAX)) as u32);
         }
     }
 }
@@ -107,31 +264,87 @@ impl LoaderStats {
 enum Control {
     /// Load every data block still missing, release the memory, then answer.
     LoadAll(Sender<Result<(), String>>),
-    /// Pause or restart background prefetch.
-    Prefetch(bool),
     /// Say which blocks are in guest memory.
     Resident(Sender<Option<Vec<bool>>>),
-    /// End the handler thread.
-    Stop,
 }
 
-/// The VMM's handle on the fault handler.
+/// The VMM's handle on the loader.
 pub struct LazyMemory {
-    reader: Arc<Reader>,
+    shared: Arc<Shared>,
     control: Sender<Control>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// A block's state, in [`Shared::state`].
+const MISSING: u8 = 0;
+/// A loader thread is reading it.
+const CLAIMED: u8 = 1;
+/// In guest memory.
+const LOADED: u8 = 2;
+
+/// What the fault thread and the loader threads share.
+struct Shared {
+    uffd: Uffd,
+    regions: Vec<HostRegion>,
+    reader: Arc<Reader>,
+    /// Every block's info, resolved through the chain once.
+    infos: Vec<BlockInfo>,
+    state: Vec<AtomicU8>,
+    /// Data (non-zero) blocks not loaded yet.
+    data_missing: AtomicUsize,
+    /// Guest memory is (being) unregistered from the userfaultfd.
+    released: AtomicBool,
+    /// Load data blocks nobody asked for.
+    prefetch: AtomicBool,
+    /// Faults are being recorded: loader threads wait.
+    recording: AtomicBool,
+    /// The loader is shutting down.
+    stop: AtomicBool,
+    stats: LoaderStats,
+    started: Instant,
+    /// Wakes the fault thread (control requests, release, failures).
     wake: EventFd,
-    stats: Arc<LoaderStats>,
-    thread: Option<JoinHandle<()>>,
+    work: Mutex<Work>,
+    /// Signalled when there may be work, or the working set is in.
+    work_cv: Condvar,
+    /// The first failure of a loader thread.
+    failure: Mutex<Option<String>>,
+}
+
+/// The loader threads' queue.
+struct Work {
+    /// The working set, in order.
+    set: Vec<usize>,
+    /// Which blocks are in it.
+    in_set: Vec<bool>,
+    /// Next entry of `set` to load.
+    set_next: usize,
+    /// Working set runs being loaded now.
+    set_in_flight: usize,
+    /// The working set is in.
+    set_done: bool,
+    /// Next block for background prefetch.
+    next_prefetch: usize,
+}
+
+/// A run of neighbouring blocks for one copy.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    first: usize,
+    count: usize,
+    /// Loaded as the working set.
+    working_set: bool,
 }
 
 impl LazyMemory {
     /// Registers every region of `mem` with a new userfaultfd and starts
-    /// the handler thread serving it from `reader`. A failure while serving
-    /// is reported once on `failures`.
+    /// the loader serving it from `reader`. With a working set to load
+    /// before the vCPUs, returns once it is in. A failure while serving is
+    /// reported once on `failures`.
     pub fn start<T: From<MemoryFailure> + Send + 'static>(
         mem: &GuestMemoryMmap,
         reader: Arc<Reader>,
-        prefetch: bool,
+        options: LazyOptions,
         failures: Sender<T>,
     ) -> Result<Self, UffdError> {
         // Not user-mode-only: most faults come from KVM, in the kernel.
@@ -153,6 +366,7 @@ impl LazyMemory {
             regions.push(HostRegion { gpa, host, len });
         }
         // Every block of the checkpoint must land inside guest memory.
+        let mut infos = Vec::with_capacity(reader.block_count());
         for i in 0..reader.block_count() {
             let info = reader.block_info(i).ok_or(UffdError::Layout { gpa: 0 })?;
             let end = info.guest_addr + info.len as u64;
@@ -160,58 +374,123 @@ impl LazyMemory {
             if !fits {
                 return Err(UffdError::Layout { gpa: info.guest_addr });
             }
+            infos.push(info);
         }
-        let data_missing = (0..reader.block_count())
-            .filter_map(|i| reader.block_info(i))
-            .filter(|info| info.kind != BlockKind::Zero)
-            .count();
-        let wake = EventFd::new(EFD_NONBLOCK).map_err(UffdError::EventFd)?;
-        let wake_handler = wake.try_clone().map_err(UffdError::EventFd)?;
-        let (control, control_rx) = channel();
-        let stats = Arc::new(LoaderStats::default());
-        let handler = Handler {
-            buf: vec![0u8; reader.header().memory_block_size as usize],
-            loaded: vec![false; reader.block_count()],
-            data_missing,
-            released: false,
-            next_prefetch: 0,
-            prefetch,
+        let data_missing = infos.iter().filter(|info| info.kind != BlockKind::Zero).count();
+        let count = infos.len();
+        let (set, before_vcpus, record) = match options.working_set {
+            WorkingSetPlan::Off => (Vec::new(), false, None),
+            WorkingSetPlan::Load { set, before_vcpus } => (set.blocks, before_vcpus, None),
+            WorkingSetPlan::Record { window, dir } => (Vec::new(), false, Some((window, dir))),
+        };
+        let mut in_set = vec![false; count];
+        for &b in &set {
+            if let Some(slot) = in_set.get_mut(b) {
+                *slot = true;
+            }
+        }
+        let stats = LoaderStats::default();
+        if record.is_some() {
+            stats.set_working_set(WorkingSetState::Recording);
+        } else if !set.is_empty() {
+            stats.set_working_set(WorkingSetState::Loading);
+            stats.working_set_blocks.store(set.len() as u64, Ordering::Relaxed);
+        }
+        let shared = Arc::new(Shared {
             uffd,
             regions,
-            reader: reader.clone(),
-            stats: stats.clone(),
+            reader,
+            infos,
+            state: (0..count).map(|_| AtomicU8::new(MISSING)).collect(),
+            data_missing: AtomicUsize::new(data_missing),
+            released: AtomicBool::new(false),
+            prefetch: AtomicBool::new(options.prefetch),
+            recording: AtomicBool::new(record.is_some()),
+            stop: AtomicBool::new(false),
+            stats,
             started: Instant::now(),
+            wake: EventFd::new(EFD_NONBLOCK).map_err(UffdError::EventFd)?,
+            work: Mutex::new(Work {
+                set_done: set.is_empty(),
+                set,
+                in_set,
+                set_next: 0,
+                set_in_flight: 0,
+                next_prefetch: 0,
+            }),
+            work_cv: Condvar::new(),
+            failure: Mutex::new(None),
+        });
+        let (control, control_rx) = channel();
+        let mut lazy = LazyMemory { shared: shared.clone(), control, threads: Vec::new() };
+        let loaders = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_LOADER_THREADS);
+        for i in 0..loaders {
+            let shared = shared.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("mem-loader{i}"))
+                .spawn(move || shared.loader_thread())
+                .map_err(UffdError::Spawn)?;
+            lazy.threads.push(thread);
+        }
+        let handler = FaultThread {
+            shared: shared.clone(),
+            buf: vec![0u8; FAULT_BATCH * shared.reader.header().memory_block_size as usize],
+            record,
+            recorded: Vec::new(),
+            seen: vec![false; count],
         };
         let thread = std::thread::Builder::new()
             .name("uffd-handler".into())
             .spawn(move || {
-                if let Err(msg) = handler.run(&control_rx, &wake_handler) {
+                if let Err(msg) = handler.run(&control_rx) {
                     log::error!("{msg}");
                     let _ = failures.send(T::from(MemoryFailure(msg)));
                 }
             })
             .map_err(UffdError::Spawn)?;
-        Ok(LazyMemory { reader, control, wake, stats, thread: Some(thread) })
+        lazy.threads.push(thread);
+        if before_vcpus {
+            lazy.wait_working_set()?;
+        }
+        Ok(lazy)
+    }
+
+    /// Waits until the working set is in.
+    fn wait_working_set(&self) -> Result<(), UffdError> {
+        let shared = &self.shared;
+        let mut work = shared.work.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(msg) = shared.failure.lock().unwrap_or_else(PoisonError::into_inner).clone() {
+                return Err(UffdError::Load(msg));
+            }
+            if work.set_done {
+                return Ok(());
+            }
+            work = shared
+                .work_cv
+                .wait_timeout(work, Duration::from_millis(100))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
     }
 
     /// The loader's counters.
     pub fn stats(&self) -> LoaderReport {
-        self.stats.report()
+        self.shared.stats.report()
     }
 
     /// Loads every data block still missing and releases guest memory from
-    /// userfaultfd (e.g. before a snapshot reads all of memory); returns
-    /// once that is done.
+    /// userfaultfd; returns once that is done.
     pub fn load_all(&self) -> Result<(), UffdError> {
         let (tx, rx) = channel();
         self.control.send(Control::LoadAll(tx)).map_err(|_| UffdError::HandlerGone)?;
-        let _ = self.wake.write(1);
+        let _ = self.shared.wake.write(1);
         rx.recv().map_err(|_| UffdError::HandlerGone)?.map_err(UffdError::Load)
     }
 
     /// The checkpoint memory is loaded from.
     pub fn reader(&self) -> &Arc<Reader> {
-        &self.reader
+        &self.shared.reader
     }
 
     /// Which checkpoint blocks are in guest memory now (by the reader's
@@ -222,26 +501,27 @@ impl LazyMemory {
     pub fn resident(&self) -> Result<Option<Vec<bool>>, UffdError> {
         let (tx, rx) = channel();
         self.control.send(Control::Resident(tx)).map_err(|_| UffdError::HandlerGone)?;
-        let _ = self.wake.write(1);
+        let _ = self.shared.wake.write(1);
         rx.recv().map_err(|_| UffdError::HandlerGone)
     }
 
     /// Stops or restarts background prefetch.
     pub fn set_prefetch(&self, on: bool) {
-        let _ = self.control.send(Control::Prefetch(on));
-        let _ = self.wake.write(1);
+        self.shared.prefetch.store(on, Ordering::Relaxed);
+        self.shared.work_cv.notify_all();
     }
 }
 
 impl Drop for LazyMemory {
-    /// Stops the handler before guest memory can go: a handler that
+    /// Stops every loader thread before guest memory can go: a thread that
     /// outlived it could copy into whatever is mapped at those addresses
     /// next (UFFDIO_COPY checks only that the range is registered with
     /// some userfaultfd).
     fn drop(&mut self) {
-        let _ = self.control.send(Control::Stop);
-        let _ = self.wake.write(1);
-        if let Some(thread) = self.thread.take() {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.work_cv.notify_all();
+        let _ = self.shared.wake.write(1);
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
@@ -253,164 +533,17 @@ struct HostRegion {
     len: usize,
 }
 
-struct Handler {
-    uffd: Uffd,
-    regions: Vec<HostRegion>,
-    reader: Arc<Reader>,
-    buf: Vec<u8>,
-    loaded: Vec<bool>,
-    /// Data (non-zero) blocks not loaded yet.
-    data_missing: usize,
-    /// Guest memory is unregistered from the userfaultfd: no more faults.
-    released: bool,
-    next_prefetch: usize,
-    prefetch: bool,
-    stats: Arc<LoaderStats>,
-    started: Instant,
-}
-
-/// How long to sleep in poll when there is nothing to prefetch.
+/// How long the fault thread sleeps in poll with nothing to do.
 const IDLE_POLL: Duration = Duration::from_millis(500);
 
-impl Handler {
-    fn run(mut self, control: &Receiver<Control>, wake: &EventFd) -> Result<(), String> {
-        // A checkpoint of zero blocks only has nothing to load.
-        self.release_when_done()?;
-        let mut fds = [
-            libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-        ];
-        loop {
-            if self.released {
-                // A negative fd is ignored by poll: no faults come any more.
-                fds[0].fd = -1;
-            }
-            let busy = self.prefetch && self.data_missing > 0;
-            let timeout = if busy { 0 } else { IDLE_POLL.as_millis() as libc::c_int };
-            // SAFETY: `fds` is a valid array of two pollfds for the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-            if n < 0 {
-                let err = std::io::Error::last_os_error();
-                if err.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(format!("page fault handler: poll failed: {err}"));
-            }
-            if fds[1].revents & libc::POLLIN != 0 {
-                let _ = wake.read();
-            }
-            self.serve_faults()?;
-            loop {
-                match control.try_recv() {
-                    Ok(Control::LoadAll(reply)) => {
-                        let result = self.load_all();
-                        let failed = result.clone().err();
-                        let _ = reply.send(result);
-                        if let Some(msg) = failed {
-                            return Err(msg);
-                        }
-                    }
-                    Ok(Control::Prefetch(on)) => self.prefetch = on,
-                    Ok(Control::Resident(reply)) => {
-                        let _ = reply.send((!self.released).then(|| self.loaded.clone()));
-                    }
-                    Ok(Control::Stop) => return Ok(()),
-                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                    // The VMM is gone; so is the guest.
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return Ok(()),
-                }
-            }
-            if self.prefetch && self.data_missing > 0 {
-                self.prefetch_one()?;
-            }
-        }
+impl Shared {
+    fn is_data(&self, block: usize) -> bool {
+        self.infos[block].kind != BlockKind::Zero
     }
 
-    /// Serves every fault queued on the userfaultfd.
-    fn serve_faults(&mut self) -> Result<(), String> {
-        // After the release, the memory is no longer registered: an event
-        // still queued is stale (unregistering woke its vCPU).
-        while !self.released {
-            let event = match self.uffd.read_event() {
-                Ok(Some(event)) => event,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(format!("page fault handler: cannot read a fault: {e}")),
-            };
-            let Event::Pagefault { addr, .. } = event else { continue };
-            self.stats.faults.fetch_add(1, Ordering::Relaxed);
-            let host = addr as usize;
-            let gpa = self
-                .gpa_of(host)
-                .ok_or_else(|| format!("page fault at host address {host:#x} outside guest memory"))?;
-            let block = self
-                .reader
-                .block_of(gpa)
-                .ok_or_else(|| format!("page fault at guest address {gpa:#x}, which the checkpoint does not hold"))?;
-            if self.loaded[block] {
-                // Another vCPU faulted on the same block before it was in;
-                // the copy already woke it, but waking twice is harmless.
-                let page = host & !0xfff;
-                let _ = self.uffd.wake(page as *mut libc::c_void, 4096);
-                continue;
-            }
-            // Counted before the copy wakes the vCPU, so a report taken
-            // after the access includes it.
-            self.stats.blocks_on_fault.fetch_add(1, Ordering::Relaxed);
-            self.load(block)?;
-        }
-        Ok(())
-    }
-
-    /// Loads the next data block not in yet (zero blocks are left to the
-    /// release).
-    fn prefetch_one(&mut self) -> Result<(), String> {
-        while self.next_prefetch < self.loaded.len() && !self.wants_prefetch(self.next_prefetch) {
-            self.next_prefetch += 1;
-        }
-        if self.next_prefetch < self.loaded.len() {
-            self.stats.blocks_prefetched.fetch_add(1, Ordering::Relaxed);
-            self.load(self.next_prefetch)?;
-        }
-        Ok(())
-    }
-
-    fn wants_prefetch(&self, block: usize) -> bool {
-        !self.loaded[block] && self.reader.block_info(block).is_some_and(|info| info.kind != BlockKind::Zero)
-    }
-
-    fn load_all(&mut self) -> Result<(), String> {
-        while self.data_missing > 0 {
-            self.serve_faults()?;
-            self.prefetch_one()?;
-        }
-        Ok(())
-    }
-
-    /// Once every data block is in, unregisters guest memory from the
-    /// userfaultfd: what is still missing lies in zero blocks, which the
-    /// kernel fills with zeros on first touch. Unregistering wakes any
-    /// vCPU waiting on such a page.
-    fn release_when_done(&mut self) -> Result<(), String> {
-        if self.released || self.data_missing > 0 {
-            return Ok(());
-        }
-        for region in &self.regions {
-            self.uffd
-                .unregister(region.host as *mut libc::c_void, region.len)
-                .map_err(|e| format!("cannot release guest memory at {:#x} from userfaultfd: {e}", region.gpa))?;
-        }
-        self.released = true;
-        let ms = self.started.elapsed().as_millis().max(1) as u64;
-        self.stats.resident_after_ms.store(ms, Ordering::Relaxed);
-        log::info!("guest memory data fully loaded after {ms} ms; zero pages left to the kernel");
-        Ok(())
-    }
-
-    fn gpa_of(&self, host: usize) -> Option<u64> {
-        self.regions
-            .iter()
-            .find(|r| host >= r.host && host < r.host + r.len)
-            .map(|r| r.gpa + (host - r.host) as u64)
+    /// Claims a missing block for a loader thread.
+    fn claim(&self, block: usize) -> bool {
+        self.state[block].compare_exchange(MISSING, CLAIMED, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 
     fn host_of(&self, gpa: u64) -> Option<usize> {
@@ -420,28 +553,174 @@ impl Handler {
             .map(|r| r.host + (gpa - r.gpa) as usize)
     }
 
-    /// Copies memory block `block` into the guest and wakes whoever waits.
-    fn load(&mut self, block: usize) -> Result<(), String> {
-        let info = self
-            .reader
-            .block_info(block)
-            .ok_or_else(|| format!("memory block {block} does not exist"))?;
+    fn gpa_of(&self, host: usize) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|r| host >= r.host && host < r.host + r.len)
+            .map(|r| r.gpa + (host - r.host) as u64)
+    }
+
+    /// Whether `next` follows `block` directly in guest and host memory,
+    /// so both fit in one copy.
+    fn adjacent(&self, block: usize, next: usize) -> bool {
+        let (a, b) = (&self.infos[block], &self.infos[next]);
+        a.guest_addr + a.len as u64 == b.guest_addr
+            && self.host_of(a.guest_addr).zip(self.host_of(b.guest_addr)).is_some_and(|(ha, hb)| ha + a.len == hb)
+    }
+
+    /// Extends a run starting at claimed block `first` with the blocks
+    /// after it that `wanted` accepts and this thread can claim, up to
+    /// `limit` blocks. Zero blocks make runs of one.
+    fn extend_run(&self, first: usize, limit: usize, wanted: impl Fn(usize) -> bool) -> usize {
+        let mut count = 1;
+        if !self.is_data(first) {
+            return count;
+        }
+        while count < limit {
+            let next = first + count;
+            if next >= self.infos.len()
+                || !self.is_data(next)
+                || !wanted(next)
+                || !self.adjacent(next - 1, next)
+                || !self.claim(next)
+            {
+                break;
+            }
+            count += 1;
+        }
+        count
+    }
+
+    /// The next run for a loader thread: working set first, then (with
+    /// prefetch on and no recording) the data blocks in file order.
+    fn next_run(&self, work: &mut Work) -> Option<Run> {
+        while work.set_next < work.set.len() {
+            let first = work.set[work.set_next];
+            work.set_next += 1;
+            if self.claim(first) {
+                let count = self.extend_run(first, RUN_BLOCKS, |b| work.in_set[b]);
+                work.set_in_flight += 1;
+                return Some(Run { first, count, working_set: true });
+            }
+        }
+        if !work.set_done && work.set_in_flight == 0 {
+            self.working_set_in(work);
+        }
+        if !self.prefetch.load(Ordering::Relaxed) || self.recording.load(Ordering::Relaxed) {
+            return None;
+        }
+        while work.next_prefetch < self.infos.len() {
+            let first = work.next_prefetch;
+            work.next_prefetch += 1;
+            if self.is_data(first) && self.claim(first) {
+                let count = self.extend_run(first, RUN_BLOCKS, |_| true);
+                work.next_prefetch = first + count;
+                return Some(Run { first, count, working_set: false });
+            }
+        }
+        None
+    }
+
+    fn working_set_in(&self, work: &mut Work) {
+        work.set_done = true;
+        if !work.set.is_empty() {
+            let ms = self.started.elapsed().as_millis().max(1) as u64;
+            self.stats.working_set_ms.store(ms, Ordering::Relaxed);
+            self.stats.set_working_set(WorkingSetState::Loaded);
+            log::info!("working set of {} blocks loaded after {ms} ms", work.set.len());
+        }
+        self.work_cv.notify_all();
+    }
+
+    fn loader_thread(&self) {
+        let mut buf = vec![0u8; RUN_BLOCKS * self.reader.header().memory_block_size as usize];
+        let mut background = false;
+        loop {
+            let run = {
+                let mut work = self.work.lock().unwrap_or_else(PoisonError::into_inner);
+                loop {
+                    if self.stop.load(Ordering::Relaxed) || self.released.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    if let Some(run) = self.next_run(&mut work) {
+                        break run;
+                    }
+                    work = self
+                        .work_cv
+                        .wait_timeout(work, IDLE_POLL)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+            };
+            if !run.working_set && !background {
+                background = true;
+                run_in_background();
+            }
+            let result = self.load_run(run, &mut buf);
+            let counter = if run.working_set { &self.stats.blocks_working_set } else { &self.stats.blocks_prefetched };
+            counter.fetch_add(run.count as u64, Ordering::Relaxed);
+            if run.working_set {
+                let mut work = self.work.lock().unwrap_or_else(PoisonError::into_inner);
+                work.set_in_flight -= 1;
+                if work.set_next == work.set.len() && work.set_in_flight == 0 && !work.set_done {
+                    self.working_set_in(&mut work);
+                }
+            }
+            if let Err(msg) = result {
+                self.failure.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(msg);
+                self.work_cv.notify_all();
+                let _ = self.wake.write(1);
+                return;
+            }
+        }
+    }
+
+    /// Reads the blocks of `run` into `buf`, each decompressed in place,
+    /// and copies them into guest memory in one go, waking whoever waits
+    /// on them.
+    fn load_run(&self, run: Run, buf: &mut [u8]) -> Result<(), String> {
+        let first = &self.infos[run.first];
         let host = self
-            .host_of(info.guest_addr)
-            .ok_or_else(|| format!("memory block {block} lies outside guest memory"))?;
-        if info.kind == BlockKind::Zero {
-            self.zero(host, info.len)?;
+            .host_of(first.guest_addr)
+            .ok_or_else(|| format!("memory block {} lies outside guest memory", run.first))?;
+        if first.kind == BlockKind::Zero {
+            self.zero(host, first.len)?;
         } else {
-            let data = self.reader.read_block(block, &mut self.buf).map_err(|e| {
-                format!("cannot load memory block {block} (guest address {:#x}) from the checkpoint: {}", info.guest_addr, error_chain(&e))
-            })?;
-            copy_in(&self.uffd, data, host)?;
+            let mut len = 0;
+            for block in run.first..run.first + run.count {
+                let info = &self.infos[block];
+                self.reader.read_block(block, &mut buf[len..len + info.len]).map_err(|e| {
+                    format!(
+                        "cannot load memory block {block} (guest address {:#x}) from the checkpoint: {}",
+                        info.guest_addr,
+                        error_chain(&e)
+                    )
+                })?;
+                len += info.len;
+            }
+            self.copy_in(&buf[..len], host)?;
         }
-        self.loaded[block] = true;
-        if info.kind != BlockKind::Zero {
-            self.data_missing -= 1;
+        for block in run.first..run.first + run.count {
+            self.mark_loaded(block);
         }
-        self.release_when_done()
+        Ok(())
+    }
+
+    /// Marks `block` loaded, counting it off once; the last data block
+    /// wakes the fault thread to release memory.
+    fn mark_loaded(&self, block: usize) {
+        if self.state[block].swap(LOADED, Ordering::AcqRel) != LOADED
+            && self.is_data(block)
+            && self.data_missing.fetch_sub(1, Ordering::AcqRel) == 1
+        {
+            let _ = self.wake.write(1);
+        }
+    }
+
+    /// Whether a failed copy may be ignored: memory was released meanwhile
+    /// (the block was loaded twice, and the other copy was the last).
+    fn released_meanwhile(&self, errno: i32) -> bool {
+        errno == libc::ENOENT && self.released.load(Ordering::Acquire)
     }
 
     fn zero(&self, host: usize, len: usize) -> Result<(), String> {
@@ -454,36 +733,238 @@ impl Handler {
                 Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EAGAIN => {}
                 // Already present: skip that page.
                 Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST => done += 4096,
+                Err(userfaultfd::Error::ZeropageFailed(e)) if self.released_meanwhile(e as i32) => return Ok(()),
                 Err(e) => return Err(format!("UFFDIO_ZEROPAGE at {:#x} failed: {e}", host + done)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `data` to `host` with UFFDIO_COPY, page by page past pages
+    /// that are already present (EEXIST), retrying on EAGAIN.
+    fn copy_in(&self, data: &[u8], host: usize) -> Result<(), String> {
+        let mut done = 0;
+        while done < data.len() {
+            let src = data[done..].as_ptr() as *const libc::c_void;
+            let dst = (host + done) as *mut libc::c_void;
+            // SAFETY: `dst..dst+len` lies in guest memory registered with
+            // this userfaultfd, and `src` points at `len` readable bytes of
+            // `data`.
+            match unsafe { self.uffd.copy(src, dst, data.len() - done, true) } {
+                Ok(n) => done += n,
+                Err(userfaultfd::Error::PartiallyCopied(n)) => done += n,
+                Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
+                    // A page of this range is present already: step over it.
+                    done = (done + 4096) & !0xfff;
+                }
+                Err(userfaultfd::Error::CopyFailed(e)) if self.released_meanwhile(e as i32) => return Ok(()),
+                Err(e) => return Err(format!("UFFDIO_COPY to {:#x} failed: {e}", host + done)),
             }
         }
         Ok(())
     }
 }
 
-
-/// Copies `data` to `host` with UFFDIO_COPY, page by page past pages that
-/// are already present (EEXIST), retrying on EAGAIN.
-fn copy_in(uffd: &Uffd, data: &[u8], host: usize) -> Result<(), String> {
-    let mut done = 0;
-    while done < data.len() {
-        let src = data[done..].as_ptr() as *const libc::c_void;
-        let dst = (host + done) as *mut libc::c_void;
-        // SAFETY: `dst..dst+len` lies in guest memory registered with this
-        // userfaultfd, and `src` points at `len` readable bytes of `data`.
-        match unsafe { uffd.copy(src, dst, data.len() - done, true) } {
-            Ok(n) => done += n,
-            Err(userfaultfd::Error::PartiallyCopied(n)) => done += n,
-            Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
-                // A page of this block is present already: step over it.
-                done = (done + 4096) & !0xfff;
-            }
-            Err(e) => return Err(format!("UFFDIO_COPY to {:#x} failed: {e}", host + done)),
-        }
+/// Moves the calling thread to `SCHED_IDLE`: background prefetch runs
+/// only on CPU time that the vCPUs and the fault thread leave unused (on a
+/// busy host it would otherwise take a share from the guest it is loading
+/// memory for). Any thread may lower its own scheduling class; a failure
+/// leaves it as it was.
+fn run_in_background() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        log::debug!("background prefetch stays at normal priority: {}", std::io::Error::last_os_error());
     }
-    Ok(())
 }
 
+/// The thread serving faults.
+struct FaultThread {
+    shared: Arc<Shared>,
+    buf: Vec<u8>,
+    /// Recording: for how long, and the snapshot directory to save into.
+    record: Option<(Duration, PathBuf)>,
+    /// Blocks faulted on while recording, in order.
+    recorded: Vec<usize>,
+    seen: Vec<bool>,
+}
+
+impl FaultThread {
+    fn run(mut self, control: &Receiver<Control>) -> Result<(), String> {
+        let shared = self.shared.clone();
+        // A checkpoint of zero blocks only has nothing to load.
+        self.release_when_done()?;
+        let mut fds = [
+            libc::pollfd { fd: shared.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: shared.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        loop {
+            if shared.released.load(Ordering::Acquire) {
+                // A negative fd is ignored by poll: no faults come any more.
+                fds[0].fd = -1;
+            }
+            let timeout = match &self.record {
+                Some((window, _)) => window.saturating_sub(shared.started.elapsed()).min(IDLE_POLL),
+                None => IDLE_POLL,
+            };
+            // SAFETY: `fds` is a valid array of two pollfds for the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout.as_millis() as libc::c_int) };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(format!("page fault handler: poll failed: {err}"));
+            }
+            if fds[1].revents & libc::POLLIN != 0 {
+                let _ = shared.wake.read();
+            }
+            if shared.stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            if let Some(msg) = shared.failure.lock().unwrap_or_else(PoisonError::into_inner).clone() {
+                return Err(msg);
+            }
+            self.serve_faults()?;
+            if self.record.as_ref().is_some_and(|(window, _)| shared.started.elapsed() >= *window) {
+                self.finish_recording();
+            }
+            loop {
+                match control.try_recv() {
+                    Ok(Control::LoadAll(reply)) => {
+                        let result = self.load_all();
+                        let failed = result.clone().err();
+                        let _ = reply.send(result);
+                        if let Some(msg) = failed {
+                            return Err(msg);
+                        }
+                    }
+                    Ok(Control::Resident(reply)) => {
+                        let resident = (!shared.released.load(Ordering::Acquire))
+                            .then(|| shared.state.iter().map(|s| s.load(Ordering::Acquire) == LOADED).collect());
+                        let _ = reply.send(resident);
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    // The VMM is gone; so is the guest.
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return Ok(()),
+                }
+            }
+            self.release_when_done()?;
+        }
+    }
+
+    /// Serves every fault queued on the userfaultfd.
+    fn serve_faults(&mut self) -> Result<(), String> {
+        let shared = self.shared.clone();
+        // After the release, the memory is no longer registered: an event
+        // still queued is stale (unregistering woke its vCPU).
+        while !shared.released.load(Ordering::Acquire) {
+            let event = match shared.uffd.read_event() {
+                Ok(Some(event)) => event,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(format!("page fault handler: cannot read a fault: {e}")),
+            };
+            let Event::Pagefault { addr, .. } = event else { continue };
+            let began = Instant::now();
+            shared.stats.faults.fetch_add(1, Ordering::Relaxed);
+            let host = addr as usize;
+            let gpa = shared
+                .gpa_of(host)
+                .ok_or_else(|| format!("page fault at host address {host:#x} outside guest memory"))?;
+            let block = shared
+                .reader
+                .block_of(gpa)
+                .ok_or_else(|| format!("page fault at guest address {gpa:#x}, which the checkpoint does not hold"))?;
+            if self.record.is_some() && !std::mem::replace(&mut self.seen[block], true) {
+                self.recorded.push(block);
+                shared.stats.working_set_blocks.store(self.recorded.len() as u64, Ordering::Relaxed);
+            }
+            if shared.state[block].load(Ordering::Acquire) == LOADED {
+                // Another vCPU faulted on the same block before it was in;
+                // the copy already woke it, but waking twice is harmless.
+                let page = host & !0xfff;
+                let _ = shared.uffd.wake(page as *mut libc::c_void, 4096);
+                continue;
+            }
+            // A block a loader thread claimed is loaded here as well rather
+            // than waited for. Neighbours come along only when unclaimed,
+            // and not while recording, which must see each block the guest
+            // needs as a fault of its own.
+            let _ = shared.claim(block);
+            let limit = if self.record.is_some() { 1 } else { FAULT_BATCH };
+            let count = shared.extend_run(block, limit, |_| true);
+            // Counted before the copy wakes the vCPU, so a report taken
+            // after the access includes it.
+            shared.stats.blocks_on_fault.fetch_add(count as u64, Ordering::Relaxed);
+            shared.load_run(Run { first: block, count, working_set: false }, &mut self.buf)?;
+            shared.stats.time_fault(began.elapsed());
+        }
+        Ok(())
+    }
+
+    /// Ends the recording: loader threads may start, and the list is
+    /// saved by a thread of its own.
+    fn finish_recording(&mut self) {
+        let Some((window, dir)) = self.record.take() else { return };
+        let shared = &self.shared;
+        let set = WorkingSet { blocks: std::mem::take(&mut self.recorded), window_ms: window.as_millis() as u64 };
+        shared.stats.working_set_ms.store(shared.started.elapsed().as_millis().max(1) as u64, Ordering::Relaxed);
+        shared.stats.set_working_set(WorkingSetState::Recorded);
+        shared.recording.store(false, Ordering::Relaxed);
+        shared.work_cv.notify_all();
+        let reader = shared.reader.clone();
+        let spawned = std::thread::Builder::new().name("working-set".into()).spawn(move || {
+            match working_set::save(&dir, &reader, &set) {
+                Ok(path) => log::info!("working set of {} blocks saved to {}", set.blocks.len(), path.display()),
+                Err(e) => log::warn!("{}", error_chain(&e)),
+            }
+        });
+        if let Err(e) = spawned {
+            log::warn!("cannot save the working set: cannot start a thread: {e}");
+        }
+    }
+
+    /// Loads every data block still missing, serving faults in between.
+    fn load_all(&mut self) -> Result<(), String> {
+        let shared = self.shared.clone();
+        for block in 0..shared.infos.len() {
+            self.serve_faults()?;
+            if shared.is_data(block) && shared.state[block].load(Ordering::Acquire) != LOADED {
+                let _ = shared.claim(block);
+                shared.stats.blocks_prefetched.fetch_add(1, Ordering::Relaxed);
+                shared.load_run(Run { first: block, count: 1, working_set: false }, &mut self.buf)?;
+            }
+        }
+        self.release_when_done()
+    }
+
+    /// Once every data block is in, unregisters guest memory from the
+    /// userfaultfd: what is still missing lies in zero blocks, which the
+    /// kernel fills with zeros on first touch. Unregistering wakes any
+    /// vCPU waiting on such a page.
+    fn release_when_done(&mut self) -> Result<(), String> {
+        let shared = self.shared.clone();
+        if shared.released.load(Ordering::Acquire) || shared.data_missing.load(Ordering::Acquire) > 0 {
+            return Ok(());
+        }
+        // The recording ends here too: no fault can come any more.
+        self.finish_recording();
+        // Set first: a loader thread's copy of a block loaded twice may
+        // then meet unregistered memory, which it must take for done.
+        shared.released.store(true, Ordering::Release);
+        shared.work_cv.notify_all();
+        for region in &shared.regions {
+            shared
+                .uffd
+                .unregister(region.host as *mut libc::c_void, region.len)
+                .map_err(|e| format!("cannot release guest memory at {:#x} from userfaultfd: {e}", region.gpa))?;
+        }
+        let ms = shared.started.elapsed().as_millis().max(1) as u64;
+        shared.stats.resident_after_ms.store(ms, Ordering::Relaxed);
+        log::info!("guest memory data fully loaded after {ms} ms; zero pages left to the kernel");
+        Ok(())
+    }
+}
 
 /// Loads every block of `reader` into `mem` before the VM runs (eager
 /// restore), reading storage blocks in parallel. Zero blocks are skipped:
@@ -529,16 +1010,28 @@ mod tests {
     }
 
     fn lazy(prefetch: bool) -> (tempfile::TempDir, Vec<u8>, GuestMemoryMmap, LazyMemory, Receiver<MemoryFailure>) {
+        lazy_with(LazyOptions { prefetch, working_set: WorkingSetPlan::Off })
+    }
+
+    fn lazy_with(options: LazyOptions) -> (tempfile::TempDir, Vec<u8>, GuestMemoryMmap, LazyMemory, Receiver<MemoryFailure>) {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("mem.ckpt");
         let image = image();
-        let options = WriterOptions { memory_block_size: BLOCK as u32, storage_block_size: 4 * BLOCK as u32, level: 1, threads: 1, parent_index_crc: None };
-        write_checkpoint(&path, &ImageSource::new(vec![(0, &image[..])]), &options, &mut |_, _| {}).expect("writes");
+        let options_w = WriterOptions { memory_block_size: BLOCK as u32, storage_block_size: 4 * BLOCK as u32, level: 1, threads: 1, parent_index_crc: None };
+        write_checkpoint(&path, &ImageSource::new(vec![(0, &image[..])]), &options_w, &mut |_, _| {}).expect("writes");
         let reader = Arc::new(Reader::open(&path).expect("opens"));
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory");
         let (failures, failed) = channel();
-        let lazy = LazyMemory::start(&mem, reader, prefetch, failures).expect("userfaultfd (run as root)");
+        let lazy = LazyMemory::start(&mem, reader, options, failures).expect("userfaultfd (run as root)");
         (dir, image, mem, lazy, failed)
+    }
+
+    fn wait_for(what: &str, lazy: &LazyMemory, done: impl Fn(&LoaderReport) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done(&lazy.stats()) {
+            assert!(Instant::now() < deadline, "{what}: {:?}", lazy.stats());
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     fn read(mem: &GuestMemoryMmap, addr: usize, len: usize) -> Vec<u8> {
@@ -548,18 +1041,26 @@ mod tests {
     }
 
     #[test]
-    fn a_fault_loads_the_whole_block_that_holds_the_page() {
+    fn a_fault_loads_the_whole_block_that_holds_the_page_and_the_missing_data_after_it() {
         let (_dir, image, mem, lazy, failed) = lazy(false);
-        // One byte in the middle of block 40 brings in all of block 40.
+        // One byte in the middle of block 40 brings in all of block 40,
+        // and the data blocks 41..44 after it in the same copy.
         assert_eq!(read(&mem, 40 * BLOCK + 5000, 1)[0], image[40 * BLOCK + 5000]);
         let report = lazy.stats();
         assert_eq!(report.faults, 1);
-        assert_eq!(report.blocks_on_fault, 1);
-        assert_eq!(read(&mem, 40 * BLOCK, BLOCK), image[40 * BLOCK..41 * BLOCK]);
-        assert_eq!(lazy.stats().faults, 1, "the rest of the block was in already");
+        assert_eq!(report.blocks_on_fault, FAULT_BATCH as u64);
+        assert_eq!(read(&mem, 40 * BLOCK, 4 * BLOCK), image[40 * BLOCK..44 * BLOCK]);
+        assert_eq!(lazy.stats().faults, 1, "the rest of the run was in already");
+        // A batch stops at a zero block: block 1 brings block 2 only.
+        assert_eq!(read(&mem, BLOCK, 2 * BLOCK), image[BLOCK..3 * BLOCK]);
+        assert_eq!(lazy.stats().blocks_on_fault, FAULT_BATCH as u64 + 2);
         // A zero block reads as zeros.
         assert!(read(&mem, 10 * BLOCK, BLOCK).iter().all(|&b| b == 0));
-        assert_eq!(lazy.stats().resident_after_ms, None, "data blocks are still missing");
+        let report = lazy.stats();
+        assert!(report.fault_p50_us.is_some() && report.fault_p99_us >= report.fault_p50_us, "{report:?}");
+        // Every data block came in on those faults: memory is released.
+        wait_for("the release", &lazy, |r| r.resident_after_ms.is_some());
+        assert_eq!(lazy.stats().blocks_prefetched, 0);
         assert!(failed.try_recv().is_err());
     }
 
@@ -588,6 +1089,70 @@ mod tests {
         assert_eq!(read(&mem, 0, MEM), image);
         let report = lazy.stats();
         assert_eq!(report.blocks_prefetched + report.blocks_on_fault, 6, "{report:?}");
+        assert!(failed.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_working_set_loaded_before_the_vcpus_is_in_when_start_returns() {
+        let set = WorkingSet { blocks: vec![41, 2, 40, 10], window_ms: 1 };
+        let (_dir, image, mem, lazy, failed) =
+            lazy_with(LazyOptions { prefetch: false, working_set: WorkingSetPlan::Load { set, before_vcpus: true } });
+        let report = lazy.stats();
+        assert_eq!(report.working_set.state, WorkingSetState::Loaded, "{report:?}");
+        assert_eq!((report.working_set.blocks, report.blocks_working_set), (4, 4), "{report:?}");
+        assert!(report.working_set.loaded_ms.is_some());
+        // In place: reading them takes no fault.
+        assert_eq!(read(&mem, 40 * BLOCK, 2 * BLOCK), image[40 * BLOCK..42 * BLOCK]);
+        assert_eq!(read(&mem, 2 * BLOCK, BLOCK), image[2 * BLOCK..3 * BLOCK]);
+        assert!(read(&mem, 10 * BLOCK, BLOCK).iter().all(|&b| b == 0));
+        assert_eq!(lazy.stats().faults, 0, "{:?}", lazy.stats());
+        // What is outside it still faults in.
+        assert_eq!(read(&mem, BLOCK, BLOCK), image[BLOCK..2 * BLOCK]);
+        assert_eq!(lazy.stats().faults, 1);
+        assert!(failed.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_working_set_loaded_while_the_guest_runs_comes_first_then_the_rest() {
+        let set = WorkingSet { blocks: vec![42, 43], window_ms: 1 };
+        let (_dir, image, mem, lazy, failed) =
+            lazy_with(LazyOptions { prefetch: true, working_set: WorkingSetPlan::Load { set, before_vcpus: false } });
+        wait_for("the working set and then the rest", &lazy, |r| r.resident_after_ms.is_some());
+        let report = lazy.stats();
+        assert_eq!(report.working_set.state, WorkingSetState::Loaded);
+        assert_eq!(report.blocks_working_set, 2, "{report:?}");
+        assert_eq!(report.blocks_working_set + report.blocks_prefetched, 6, "{report:?}");
+        assert_eq!(read(&mem, 0, MEM), image);
+        assert!(failed.try_recv().is_err());
+    }
+
+    #[test]
+    fn recording_notes_the_faulted_blocks_in_order_and_holds_prefetch_back() {
+        let snapshot = tempfile::tempdir().expect("temp dir");
+        let window = Duration::from_millis(1500);
+        let (_dir, image, mem, lazy, failed) = lazy_with(LazyOptions {
+            prefetch: true,
+            working_set: WorkingSetPlan::Record { window, dir: snapshot.path().to_path_buf() },
+        });
+        assert_eq!(read(&mem, 41 * BLOCK + 7, 1)[0], image[41 * BLOCK + 7]);
+        assert!(read(&mem, 30 * BLOCK, 1)[0] == 0);
+        assert_eq!(read(&mem, 2 * BLOCK, BLOCK), image[2 * BLOCK..3 * BLOCK]);
+        let report = lazy.stats();
+        // One block per fault while recording; nothing prefetched yet.
+        assert_eq!((report.faults, report.blocks_on_fault, report.blocks_prefetched), (3, 3, 0), "{report:?}");
+        assert_eq!(report.working_set.state, WorkingSetState::Recording);
+        wait_for("the end of the recording", &lazy, |r| r.working_set.state == WorkingSetState::Recorded);
+        wait_for("prefetch after the recording", &lazy, |r| r.resident_after_ms.is_some());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let saved = loop {
+            if let Some(set) = working_set::load(snapshot.path(), lazy.reader()).expect("a valid set") {
+                break set;
+            }
+            assert!(Instant::now() < deadline, "no working set saved");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(saved, WorkingSet { blocks: vec![41, 30, 2], window_ms: 1500 });
+        assert_eq!(read(&mem, 0, MEM), image);
         assert!(failed.try_recv().is_err());
     }
 }
