@@ -465,13 +465,13 @@ pub fn build_microvm_from_snapshot(
     // Memory before any vCPU can run. Lazy: registered with userfaultfd and
     // served by the handler thread from here on.
     let (lazy, mode_name) = match memory {
-        MemoryMode::Lazy { prefetch, working_set, working_set_before, working_set_window } => {
+        MemoryMode::Lazy { prefetch, working_set, working_set_before: _, working_set_window } => {
             let record = WorkingSetPlan::Record { window: working_set_window, dir: dir.to_path_buf() };
             let plan = match working_set {
                 WorkingSetMode::Off => WorkingSetPlan::Off,
                 WorkingSetMode::Record => record,
                 WorkingSetMode::Auto => match working_set::load(dir, &reader) {
-                    Ok(Some(set)) => WorkingSetPlan::Load { set, before_vcpus: working_set_before },
+                    Ok(Some(set)) => WorkingSetPlan::Load { set },
                     Ok(None) => record,
                     Err(e) => {
                         log::warn!("ignoring the working set: {}; recording a new one", error_chain(&e));
@@ -517,6 +517,12 @@ pub fn build_microvm_from_snapshot(
     // KVM so the guest's watchdogs do not take it for a lockup.
     for vcpu in &vcpus {
         vcpu.notify_paused();
+    }
+    // The working set loaded while the VM was being rebuilt; the vCPUs
+    // start once it is in, when asked to.
+    if let (Some(lazy), MemoryMode::Lazy { working_set_before: true, .. }) = (&lazy, memory) {
+        lazy.wait_working_set()?;
+        phase("working set loaded");
     }
     let msr_indices = Arc::new(vcpu::msrs_to_save(&kvm)?);
     Ok(Vmm {

@@ -127,9 +127,9 @@ struct RestoreArgs {
     /// neither.
     #[arg(long, value_enum, default_value = "auto")]
     working_set: WorkingSetArg,
-    /// Load the working set `before` the vCPUs start, or `during` their
-    /// first moments (faults served first).
-    #[arg(long, value_enum, default_value = "during")]
+    /// Load the working set `before` the vCPUs start (no faults on its
+    /// blocks), or `during` their first moments (faults served first).
+    #[arg(long, value_enum, default_value = "before")]
     working_set_load: WorkingSetLoadArg,
     /// How long a recording of the working set lasts, in milliseconds
     /// after memory is set up; background prefetch waits for its end.

@@ -20,12 +20,13 @@
 //!   prefetch), in runs of up to [`RUN_BLOCKS`] neighbouring blocks per
 //!   `UFFDIO_COPY`. A loader claims each block of a run before reading
 //!   it, so two loaders never read the same block. Once a loader turns to
-//!   background prefetch it moves itself to `SCHED_IDLE`, so that it uses
-//!   only CPU time the guest leaves idle.
+//!   background prefetch it lowers its priority (nice 10), so that it takes
+//!   a smaller share of a busy CPU than the guest.
 //!
-//! The working set is loaded either before the vCPUs start
-//! ([`WorkingSetPlan::Load`] with `before_vcpus`; the restore returns once
-//! it is in) or while they run, the faults taking priority. A restore
+//! The working set is loaded either before the vCPUs start (the restore
+//! waits in [`LazyMemory::wait_working_set`] just before starting them, so
+//! the load overlaps the rest of the restore) or while they run, the faults
+//! taking priority. A restore
 //! without one can record it ([`WorkingSetPlan::Record`]): for a window
 //! the fault thread notes the blocks the guest faults on, in order, with
 //! prefetch held back and no fault batching, then saves the list beside
@@ -70,6 +71,9 @@ pub const RUN_BLOCKS: usize = 16;
 /// Most loader threads.
 pub const MAX_LOADER_THREADS: usize = 4;
 
+/// The nice value of a loader thread doing background prefetch.
+const BACKGROUND_NICE: libc::c_int = 10;
+
 /// Fault service times kept for the percentiles (4 MiB at most).
 const MAX_TIMED_FAULTS: usize = 1 << 20;
 
@@ -111,9 +115,8 @@ pub struct MemoryFailure(pub String);
 pub enum WorkingSetPlan {
     /// Neither loads nor records one.
     Off,
-    /// Loads `set` first: before the vCPUs start (the restore waits for
-    /// it) or while they run.
-    Load { set: WorkingSet, before_vcpus: bool },
+    /// Loads `set` first.
+    Load { set: WorkingSet },
     /// Records the blocks the guest faults on during `window` and saves
     /// them as the working set of snapshot directory `dir`.
     Record { window: Duration, dir: PathBuf },
@@ -189,6 +192,10 @@ pub struct LoaderStats {
     working_set_ms: AtomicU64,
     /// Service time of each fault that loaded a block, in microseconds.
     service_us: Mutex<Vec<u32>>,
+    /// Microseconds spent reading and decompressing blocks, and copying
+    /// them in, by every thread: for the log.
+    read_us: AtomicU64,
+    copy_us: AtomicU64,
 }
 
 /// The working set part of a [`LoaderReport`].
@@ -338,8 +345,7 @@ struct Run {
 
 impl LazyMemory {
     /// Registers every region of `mem` with a new userfaultfd and starts
-    /// the loader serving it from `reader`. With a working set to load
-    /// before the vCPUs, returns once it is in. A failure while serving is
+    /// the loader serving it from `reader`. A failure while serving is
     /// reported once on `failures`.
     pub fn start<T: From<MemoryFailure> + Send + 'static>(
         mem: &GuestMemoryMmap,
@@ -378,10 +384,10 @@ impl LazyMemory {
         }
         let data_missing = infos.iter().filter(|info| info.kind != BlockKind::Zero).count();
         let count = infos.len();
-        let (set, before_vcpus, record) = match options.working_set {
-            WorkingSetPlan::Off => (Vec::new(), false, None),
-            WorkingSetPlan::Load { set, before_vcpus } => (set.blocks, before_vcpus, None),
-            WorkingSetPlan::Record { window, dir } => (Vec::new(), false, Some((window, dir))),
+        let (set, record) = match options.working_set {
+            WorkingSetPlan::Off => (Vec::new(), None),
+            WorkingSetPlan::Load { set } => (set.blocks, None),
+            WorkingSetPlan::Record { window, dir } => (Vec::new(), Some((window, dir))),
         };
         let mut in_set = vec![false; count];
         for &b in &set {
@@ -433,6 +439,7 @@ impl LazyMemory {
             lazy.threads.push(thread);
         }
         let handler = FaultThread {
+            reader: shared.reader.try_clone().map_err(|e| UffdError::Load(error_chain(&e)))?,
             shared: shared.clone(),
             buf: vec![0u8; FAULT_BATCH * shared.reader.header().memory_block_size as usize],
             record,
@@ -449,14 +456,11 @@ impl LazyMemory {
             })
             .map_err(UffdError::Spawn)?;
         lazy.threads.push(thread);
-        if before_vcpus {
-            lazy.wait_working_set()?;
-        }
         Ok(lazy)
     }
 
-    /// Waits until the working set is in.
-    fn wait_working_set(&self) -> Result<(), UffdError> {
+    /// Waits until the working set is in (at once when there is none).
+    pub fn wait_working_set(&self) -> Result<(), UffdError> {
         let shared = &self.shared;
         let mut work = shared.work.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
@@ -627,7 +631,12 @@ impl Shared {
             let ms = self.started.elapsed().as_millis().max(1) as u64;
             self.stats.working_set_ms.store(ms, Ordering::Relaxed);
             self.stats.set_working_set(WorkingSetState::Loaded);
-            log::info!("working set of {} blocks loaded after {ms} ms", work.set.len());
+            log::info!(
+                "working set of {} blocks loaded after {ms} ms ({} ms reading and decompressing, {} ms copying, over all threads)",
+                work.set.len(),
+                self.stats.read_us.load(Ordering::Relaxed) / 1000,
+                self.stats.copy_us.load(Ordering::Relaxed) / 1000
+            );
         }
         self.work_cv.notify_all();
     }
@@ -656,7 +665,7 @@ impl Shared {
                 background = true;
                 run_in_background();
             }
-            let result = self.load_run(run, &mut buf);
+            let result = self.load_run(&self.reader, run, &mut buf);
             let counter = if run.working_set { &self.stats.blocks_working_set } else { &self.stats.blocks_prefetched };
             counter.fetch_add(run.count as u64, Ordering::Relaxed);
             if run.working_set {
@@ -678,7 +687,7 @@ impl Shared {
     /// Reads the blocks of `run` into `buf`, each decompressed in place,
     /// and copies them into guest memory in one go, waking whoever waits
     /// on them.
-    fn load_run(&self, run: Run, buf: &mut [u8]) -> Result<(), String> {
+    fn load_run(&self, reader: &Reader, run: Run, buf: &mut [u8]) -> Result<(), String> {
         let first = &self.infos[run.first];
         let host = self
             .host_of(first.guest_addr)
@@ -687,9 +696,10 @@ impl Shared {
             self.zero(host, first.len)?;
         } else {
             let mut len = 0;
+            let began = Instant::now();
             for block in run.first..run.first + run.count {
                 let info = &self.infos[block];
-                self.reader.read_block(block, &mut buf[len..len + info.len]).map_err(|e| {
+                reader.read_block(block, &mut buf[len..len + info.len]).map_err(|e| {
                     format!(
                         "cannot load memory block {block} (guest address {:#x}) from the checkpoint: {}",
                         info.guest_addr,
@@ -698,7 +708,10 @@ impl Shared {
                 })?;
                 len += info.len;
             }
+            let read = began.elapsed();
             self.copy_in(&buf[..len], host)?;
+            self.stats.read_us.fetch_add(read.as_micros() as u64, Ordering::Relaxed);
+            self.stats.copy_us.fetch_add((began.elapsed() - read).as_micros() as u64, Ordering::Relaxed);
         }
         for block in run.first..run.first + run.count {
             self.mark_loaded(block);
@@ -765,15 +778,17 @@ impl Shared {
     }
 }
 
-/// Moves the calling thread to `SCHED_IDLE`: background prefetch runs
-/// only on CPU time that the vCPUs and the fault thread leave unused (on a
-/// busy host it would otherwise take a share from the guest it is loading
-/// memory for). Any thread may lower its own scheduling class; a failure
-/// leaves it as it was.
+/// Lowers the calling thread's priority (nice +[`BACKGROUND_NICE`]):
+/// background prefetch takes a smaller share of a busy CPU than the vCPUs
+/// and the fault thread. Not `SCHED_IDLE`: a thread that gets no CPU time
+/// at all while it holds a lock (the address space's, in `UFFDIO_COPY`)
+/// would stall every thread waiting for it, the fault thread included.
+/// Any thread may lower its own priority; a failure leaves it as it was.
 fn run_in_background() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+    // SAFETY: plain syscall on this thread's own id.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE) } != 0 {
         log::debug!("background prefetch stays at normal priority: {}", std::io::Error::last_os_error());
     }
 }
@@ -781,6 +796,8 @@ fn run_in_background() {
 /// The thread serving faults.
 struct FaultThread {
     shared: Arc<Shared>,
+    /// A reader of its own, sharing no lock with the loader threads'.
+    reader: Reader,
     buf: Vec<u8>,
     /// Recording: for how long, and the snapshot directory to save into.
     record: Option<(Duration, PathBuf)>,
@@ -896,7 +913,7 @@ impl FaultThread {
             // Counted before the copy wakes the vCPU, so a report taken
             // after the access includes it.
             shared.stats.blocks_on_fault.fetch_add(count as u64, Ordering::Relaxed);
-            shared.load_run(Run { first: block, count, working_set: false }, &mut self.buf)?;
+            shared.load_run(&self.reader, Run { first: block, count, working_set: false }, &mut self.buf)?;
             shared.stats.time_fault(began.elapsed());
         }
         Ok(())
@@ -932,7 +949,7 @@ impl FaultThread {
             if shared.is_data(block) && shared.state[block].load(Ordering::Acquire) != LOADED {
                 let _ = shared.claim(block);
                 shared.stats.blocks_prefetched.fetch_add(1, Ordering::Relaxed);
-                shared.load_run(Run { first: block, count: 1, working_set: false }, &mut self.buf)?;
+                shared.load_run(&self.reader, Run { first: block, count: 1, working_set: false }, &mut self.buf)?;
             }
         }
         self.release_when_done()
@@ -1093,10 +1110,11 @@ mod tests {
     }
 
     #[test]
-    fn a_working_set_loaded_before_the_vcpus_is_in_when_start_returns() {
+    fn a_working_set_waited_for_is_in_place_without_faults() {
         let set = WorkingSet { blocks: vec![41, 2, 40, 10], window_ms: 1 };
         let (_dir, image, mem, lazy, failed) =
-            lazy_with(LazyOptions { prefetch: false, working_set: WorkingSetPlan::Load { set, before_vcpus: true } });
+            lazy_with(LazyOptions { prefetch: false, working_set: WorkingSetPlan::Load { set } });
+        lazy.wait_working_set().expect("loads the working set");
         let report = lazy.stats();
         assert_eq!(report.working_set.state, WorkingSetState::Loaded, "{report:?}");
         assert_eq!((report.working_set.blocks, report.blocks_working_set), (4, 4), "{report:?}");
@@ -1116,7 +1134,7 @@ mod tests {
     fn a_working_set_loaded_while_the_guest_runs_comes_first_then_the_rest() {
         let set = WorkingSet { blocks: vec![42, 43], window_ms: 1 };
         let (_dir, image, mem, lazy, failed) =
-            lazy_with(LazyOptions { prefetch: true, working_set: WorkingSetPlan::Load { set, before_vcpus: false } });
+            lazy_with(LazyOptions { prefetch: true, working_set: WorkingSetPlan::Load { set } });
         wait_for("the working set and then the rest", &lazy, |r| r.resident_after_ms.is_some());
         let report = lazy.stats();
         assert_eq!(report.working_set.state, WorkingSetState::Loaded);
