@@ -36,8 +36,10 @@
 //! ```
 //!
 //! `--quick` (for development) measures 256 MiB only with two runs per
-//! mode. `--sizes`, `--runs`, `--floor-runs`, `--window-ms`,
-//! `--concurrent` and `--only` choose otherwise.
+//! mode (about 3 minutes in the test host on the 2-core development
+//! machine, Firecracker included, the test host's start too; a full run
+//! should take 10 to 15). `--sizes`, `--runs`, `--floor-runs`,
+//! `--window-ms`, `--concurrent` and `--only` choose otherwise.
 //!
 //! What each figure is:
 //!
@@ -73,9 +75,9 @@
 //!   `--memory eager`; all with `--json --api-sock`, prefetch on (the
 //!   default), PING typed at once. `firecracker`: a fresh `firecracker
 //!   --api-sock S --no-seccomp`, then `PUT /snapshot/load` with the memory
-//!   file as a `File` backend and `resume_vm: true`; PING typed when the
-//!   load returns (Firecracker makes its serial port then). Figures are
-//!   the medians over `--runs` (3; 2 with `--quick`): `first_tick_ms`,
+//!   file as a `File` backend and `resume_vm: true`; PING typed as soon as
+//!   the load request returns. Figures are the medians over `--runs` (3;
+//!   2 with `--quick`): `first_tick_ms`,
 //!   spawn to the first `TICK=` line; `first_answer_ms`, spawn to the
 //!   answer (`all_answer_ms` every run's); `over_floor_ms`, that less the
 //!   same VMM's floor; `latency_ms`, stasis's restore_latency_ms (process
@@ -209,7 +211,7 @@ impl Opts {
 
 // ---- Output ------------------------------------------------------------------
 
-/// Milliseconds, to a tenth.
+/// Milliseconds.
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -487,6 +489,7 @@ fn run_stasis(o: &Opts, dir: &Path, args: &[&str], sock: &Path, sum: &str) -> Re
 /// Records the working set of `dir`: the `working-set` line's fields.
 fn record_working_set(o: &Opts, caps: &Caps, dir: &Path, sock: &Path) -> Res<String> {
     caps.need_ws()?;
+    note(&format!("recording the working set ({} ms window)", o.window_ms));
     let window = o.window_ms.to_string();
     let args = ["--memory", "lazy", "--working-set", "record", "--working-set-window", &window];
     let t0 = Instant::now();
@@ -879,10 +882,7 @@ fn bench_size(o: &Opts, caps: &Caps, mem: u64) -> bool {
     let recorded: Res<()> = if o.restore || o.concurrent_at(mem) {
         let r = match &stasis {
             Err(e) => Err(e.clone()),
-            Ok(_) => guarded(|| {
-                note(&format!("{mem} MiB: recording the working set ({} ms window)", o.window_ms));
-                record_working_set(o, caps, &snap, &work.join("record.sock"))
-            }),
+            Ok(_) => guarded(|| record_working_set(o, caps, &snap, &work.join("record.sock"))),
         };
         failed |= emit(&format!("working-set {size}"), &r);
         r.map(|_| ()).map_err(|e| format!("no working set: {e}"))
