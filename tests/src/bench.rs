@@ -169,9 +169,14 @@ impl CommonOpts {
     /// line, then for the socket. Returns the guest and the time from
     /// spawning it to READY.
     pub fn boot_stasis(&self, mem_mib: u64, sock: &Path) -> Res<(Guest, Duration)> {
+        self.boot_stasis_with(mem_mib, sock, &[])
+    }
+
+    /// [`CommonOpts::boot_stasis`] with `extra` boot options.
+    pub fn boot_stasis_with(&self, mem_mib: u64, sock: &Path, extra: &[&str]) -> Res<(Guest, Duration)> {
         let _ = fs::remove_file(sock);
         let mut cmd = self.stasis_boot(CMDLINE, mem_mib);
-        cmd.arg("--api-sock").arg(sock);
+        cmd.args(extra).arg("--api-sock").arg(sock);
         let t = Instant::now();
         let guest = Guest::spawn_command(cmd);
         guest.expect(READY, BOOT_TIMEOUT);

@@ -113,7 +113,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use stasis_e2e::bench::{
     self, ask, create_dir, dir_bytes, emit, error_field, guarded, last_chars, marker_value, median, note, opt,
-    opt_fixed, poweroff, run_tool, wait_for_path, CommonOpts, Res, ANSWER_TIMEOUT, BOOT_TIMEOUT, CMDLINE, EXIT_TIMEOUT,
+    opt_fixed, poweroff, run_tool, CommonOpts, Res, ANSWER_TIMEOUT, BOOT_TIMEOUT, CMDLINE, EXIT_TIMEOUT,
     PING,
 };
 use stasis_e2e::{Guest, READY};
@@ -370,15 +370,7 @@ impl Caps {
 /// devices, its API socket at `sock`. Returns it at READY, with the time
 /// from the spawn.
 fn boot_stasis(o: &Opts, mem: u64, sock: &Path) -> Res<(Guest, Duration)> {
-    let _ = fs::remove_file(sock);
-    let mut cmd = o.common.stasis_boot(CMDLINE, mem);
-    cmd.args(["--vcpus", &VCPUS.to_string(), "--rng", "off"]).arg("--api-sock").arg(sock);
-    let t = Instant::now();
-    let guest = Guest::spawn_command(cmd);
-    guest.expect(READY, BOOT_TIMEOUT);
-    let boot = t.elapsed();
-    wait_for_path(sock, ANSWER_TIMEOUT)?;
-    Ok((guest, boot))
+    o.common.boot_stasis_with(mem, sock, &["--vcpus", &VCPUS.to_string(), "--rng", "off"])
 }
 
 /// `stasis status --api-sock SOCK`, parsed.
