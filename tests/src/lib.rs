@@ -450,7 +450,10 @@ pub fn complete_lines(text: &str) -> std::str::Lines<'_> {
 fn value_of<'a>(line: &'a str, prefix: &str) -> Option<&'a str> {
     let start = line.find(prefix)?;
     let value = line[start + prefix.len()..].trim();
-    (!value.is_empty() && !value.contains('$')).then_some(value)
+    // The console's echo of the typed command is not an answer: it holds
+    // the `$(…)` of the command, or, where the shell's line editing split
+    // the echo at the `$`, starts with its `(`.
+    (!value.is_empty() && !value.contains('$') && !value.starts_with('(')).then_some(value)
 }
 
 impl Drop for Guest {
