@@ -915,6 +915,11 @@ impl FaultThread {
             shared.stats.blocks_on_fault.fetch_add(count as u64, Ordering::Relaxed);
             shared.load_run(&self.reader, Run { first: block, count, working_set: false }, &mut self.buf)?;
             shared.stats.time_fault(began.elapsed());
+            // The copy woke the vCPU, unless every page was in already (a
+            // loader's copy of the same block came first, and woke it then):
+            // waking again is harmless and leaves no path without a wake.
+            let page = host & !0xfff;
+            let _ = shared.uffd.wake(page as *mut libc::c_void, 4096);
         }
         Ok(())
     }
