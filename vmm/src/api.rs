@@ -37,6 +37,8 @@ use std::time::Duration;
 use log::{debug, info, warn};
 use serde_json::{Map, Value};
 
+use crate::content::ContentId;
+
 /// The longest request line the server reads, newline excluded.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
@@ -168,6 +170,22 @@ pub enum ApiRequest {
         /// `then: exit`); otherwise the guest runs on while it is written.
         stop_the_world: bool,
     },
+    /// Grant content IDs to the VM (`docs/content.md`).
+    Grant {
+        /// The IDs.
+        ids: Vec<ContentId>,
+        /// Requests each grant serves; `None`: any number.
+        uses: Option<u64>,
+        /// Seconds until each grant expires; `None`: never.
+        expires_s: Option<u64>,
+    },
+    /// Take content grants away.
+    Revoke {
+        /// The IDs.
+        ids: Vec<ContentId>,
+    },
+    /// List the VM's content grants.
+    Grants,
 }
 
 /// What the VMM answers: Ok(fields to merge into {"ok":true}) or Err(message).
@@ -710,12 +728,53 @@ fn parse_request(line: &[u8]) -> Result<ApiRequest, String> {
             };
             ApiRequest::Snapshot { out, then, parent, stop_the_world }
         }
-        other => return Err(format!("unknown op {other:?}: expected pause, resume, status or snapshot")),
+        "grant" => {
+            let ids = parse_ids(&mut fields, "grant")?;
+            let uses = optional_count(&mut fields, "uses")?;
+            if uses == Some(0) {
+                return Err(r#"the "uses" field must be at least 1"#.to_owned());
+            }
+            let expires_s = optional_count(&mut fields, "expires_s")?;
+            ApiRequest::Grant { ids, uses, expires_s }
+        }
+        "revoke" => ApiRequest::Revoke { ids: parse_ids(&mut fields, "revoke")? },
+        "grants" => ApiRequest::Grants,
+        other => {
+            return Err(format!(
+                "unknown op {other:?}: expected pause, resume, status, snapshot, grant, revoke or grants"
+            ))
+        }
     };
     if let Some(unknown) = fields.keys().next() {
         return Err(format!("unknown field {unknown:?} in a {op} request"));
     }
     Ok(request)
+}
+
+/// The `ids` field of a grant or revoke request: a non-empty array of
+/// content IDs.
+fn parse_ids(fields: &mut Map<String, Value>, op: &str) -> Result<Vec<ContentId>, String> {
+    let Some(Value::Array(values)) = fields.remove("ids") else {
+        return Err(format!(r#"a {op} request needs an "ids" field: an array of content IDs ("sha256:<64 hex digits>")"#));
+    };
+    if values.is_empty() {
+        return Err(r#"the "ids" array is empty"#.to_owned());
+    }
+    values
+        .iter()
+        .map(|v| match v {
+            Value::String(s) => s.parse::<ContentId>().map_err(|e| e.to_string()),
+            _ => Err(r#"each of "ids" must be a string"#.to_owned()),
+        })
+        .collect()
+}
+
+/// An optional whole-number field.
+fn optional_count(fields: &mut Map<String, Value>, name: &str) -> Result<Option<u64>, String> {
+    match fields.remove(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| format!("the {name:?} field must be a whole number")),
+    }
 }
 
 /// The wire form of a request.
@@ -736,6 +795,21 @@ fn request_json(request: &ApiRequest) -> Result<Value, ApiError> {
             }
             "snapshot"
         }
+        ApiRequest::Grant { ids, uses, expires_s } => {
+            fields.insert("ids".to_owned(), ids.iter().map(|id| Value::String(id.to_string())).collect());
+            if let Some(uses) = uses {
+                fields.insert("uses".to_owned(), Value::from(*uses));
+            }
+            if let Some(expires_s) = expires_s {
+                fields.insert("expires_s".to_owned(), Value::from(*expires_s));
+            }
+            "grant"
+        }
+        ApiRequest::Revoke { ids } => {
+            fields.insert("ids".to_owned(), ids.iter().map(|id| Value::String(id.to_string())).collect());
+            "revoke"
+        }
+        ApiRequest::Grants => "grants",
     };
     fields.insert("op".to_owned(), Value::String(op.to_owned()));
     Ok(Value::Object(fields))
@@ -846,6 +920,9 @@ mod tests {
             ApiRequest::Resume => "resume",
             ApiRequest::Status => "status",
             ApiRequest::Snapshot { .. } => "snapshot",
+            ApiRequest::Grant { .. } => "grant",
+            ApiRequest::Revoke { .. } => "revoke",
+            ApiRequest::Grants => "grants",
         };
         Ok(fields(&[("did", Value::from(op))]))
     }
@@ -1104,7 +1181,7 @@ mod tests {
         let (server, vmm) = echo_server(&dir);
         let mut client = RawClient::connect(server.path());
         let reply = client.ask(r#"{"op":"reboot"}"#);
-        assert_eq!(error_of(&reply), r#"unknown op "reboot": expected pause, resume, status or snapshot"#);
+        assert_eq!(error_of(&reply), r#"unknown op "reboot": expected pause, resume, status, snapshot, grant, revoke or grants"#);
         drop(client);
         assert!(stop(server, vmm).is_empty());
     }
@@ -1429,5 +1506,32 @@ mod tests {
     fn reply_without_ok_is_malformed() {
         let result = parse_reply(br#"{"state":"running"}"#);
         assert!(matches!(result, Err(ApiError::ParseReply(_))), "{result:?}");
+    }
+
+    #[test]
+    fn content_requests_parse_and_round_trip() {
+        let id = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let line = format!(r#"{{"op":"grant","ids":["{id}"],"uses":2,"expires_s":60}}"#);
+        let request = parse_request(line.as_bytes()).expect("grant");
+        let ids = vec![id.parse::<ContentId>().expect("id")];
+        assert_eq!(request, ApiRequest::Grant { ids: ids.clone(), uses: Some(2), expires_s: Some(60) });
+        let wire = request_json(&request).expect("json").to_string();
+        assert_eq!(parse_request(wire.as_bytes()).expect("again"), request);
+        let revoke = ApiRequest::Revoke { ids };
+        let wire = request_json(&revoke).expect("json").to_string();
+        assert_eq!(parse_request(wire.as_bytes()).expect("revoke"), revoke);
+        assert_eq!(parse_request(br#"{"op":"grants"}"#).expect("grants"), ApiRequest::Grants);
+        for (bad, says) in [
+            (r#"{"op":"grant"}"#.to_owned(), "needs an \"ids\" field"),
+            (r#"{"op":"grant","ids":[]}"#.to_owned(), "empty"),
+            (r#"{"op":"grant","ids":["../etc/passwd"]}"#.to_owned(), "is not a content ID"),
+            (r#"{"op":"grant","ids":[7]}"#.to_owned(), "must be a string"),
+            (format!(r#"{{"op":"grant","ids":["{id}"],"uses":0}}"#), "at least 1"),
+            (format!(r#"{{"op":"grant","ids":["{id}"],"uses":-1}}"#), "whole number"),
+            (format!(r#"{{"op":"revoke","ids":["{id}"],"uses":1}}"#), "unknown field"),
+        ] {
+            let err = parse_request(bad.as_bytes()).expect_err(&bad);
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 }

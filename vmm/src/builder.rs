@@ -17,6 +17,7 @@ use crate::acpi::{self, AcpiError};
 use crate::boot::{self, BootError, BootParamsInput, InitrdImage, KernelImage};
 use crate::checkpoint::{self, Reader, ReaderOptions};
 use crate::config::VmConfig;
+use crate::content::service::{ContentConfig, ContentError, ContentService};
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::bus::{BusError, MmioBus, PioBus};
 use crate::devices::virtio::block::image::{copy_sparse, DiskError, DiskImage, FileIdentity};
@@ -24,7 +25,7 @@ use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MmioError, MmioState, MmioTransport, NOTIFY_OFFSET};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::thread::DeviceThread;
-use crate::devices::virtio::vsock::{Vsock, VsockError};
+use crate::devices::virtio::vsock::{HostService, HostServices, Vsock, VsockError};
 use crate::devices::virtio::{DeviceState, Interrupt, VirtioDevice};
 use crate::devices::cmos::{Cmos, CmosStateError, HostClock};
 use crate::devices::legacy::{I8042, IrqTrigger, SerialDevice, SerialStateError};
@@ -101,6 +102,12 @@ pub enum BuildError {
     /// The vsock device.
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    /// The content store or a grant.
+    #[error(transparent)]
+    Content(#[from] ContentError),
+    /// `--content-store` on restore, and the snapshot has no vsock device.
+    #[error("--content-store needs a vsock device, and the snapshot has none (a VM serves content when booted with --content-store or --vsock)")]
+    ContentWithoutVsock,
     /// A virtio transport.
     #[error("virtio device {0}")]
     Mmio(usize, #[source] MmioError),
@@ -179,6 +186,8 @@ pub struct RestoreOptions {
     pub disks: DiskSource,
     /// The vsock device's host socket, if not the saved one.
     pub vsock_uds: Option<PathBuf>,
+    /// Serve content, with these grants (none are saved in snapshots).
+    pub content: Option<ContentConfig>,
 }
 
 /// A virtio device before the VM exists: opened, locked, bound, so bad
@@ -190,9 +199,23 @@ struct PendingDevice {
     saved: Option<MmioState>,
 }
 
+/// The guest CID of the vsock device `--content-store` adds without
+/// `--vsock`.
+pub const CONTENT_GUEST_CID: u64 = 3;
+
+/// The content service `config` asks for, and the vsock host ports it
+/// takes.
+fn start_content(config: Option<&ContentConfig>) -> Result<(Option<Arc<ContentService>>, HostServices), BuildError> {
+    let Some(config) = config else { return Ok((None, Vec::new())) };
+    let service = Arc::new(ContentService::start(config)?);
+    let services: HostServices = vec![(config.port, Arc::clone(&service) as Arc<dyn HostService>)];
+    log::info!("serving content from {} on vsock port {}", config.store.display(), config.port);
+    Ok((Some(service), services))
+}
+
 /// The devices `config` asks for, in slot order: disks (vda first), vsock,
-/// entropy.
-fn open_devices(config: &VmConfig) -> Result<Vec<PendingDevice>, BuildError> {
+/// entropy; and the content service.
+fn open_devices(config: &VmConfig) -> Result<(Vec<PendingDevice>, Option<Arc<ContentService>>), BuildError> {
     let mut pending = Vec::new();
     for (index, disk) in config.disks.iter().enumerate() {
         let image = DiskImage::open(&disk.path, disk.read_only)?;
@@ -200,16 +223,25 @@ fn open_devices(config: &VmConfig) -> Result<Vec<PendingDevice>, BuildError> {
         let block = Block::new(image, format!("stasis-disk{index}"));
         pending.push(PendingDevice { device: Box::new(block), backend, name: format!("virtio-blk{index}"), saved: None });
     }
-    if let Some(vsock) = &config.vsock {
-        let device = Vsock::new(vsock.guest_cid, &vsock.uds_path)?;
-        // Absolute, so a restore from another directory finds the same place.
-        let backend = SlotBackend::Vsock { uds_path: absolute(&vsock.uds_path) };
+    let (content, services) = start_content(config.content.as_ref())?;
+    let vsock = match &config.vsock {
+        Some(vsock) => {
+            let device = Vsock::with_host(vsock.guest_cid, Some(&vsock.uds_path), services)?;
+            // Absolute, so a restore from another directory finds the same place.
+            Some((device, Some(absolute(&vsock.uds_path))))
+        }
+        // Content alone: a vsock device whose host side is the service.
+        None if content.is_some() => Some((Vsock::with_host(CONTENT_GUEST_CID, None, services)?, None)),
+        None => None,
+    };
+    if let Some((device, uds_path)) = vsock {
+        let backend = SlotBackend::Vsock { uds_path };
         pending.push(PendingDevice { device: Box::new(device), backend, name: "virtio-vsock".into(), saved: None });
     }
     if config.rng {
         pending.push(PendingDevice { device: Box::new(Rng::new()), backend: SlotBackend::Rng, name: "virtio-rng".into(), saved: None });
     }
-    Ok(pending)
+    Ok((pending, content))
 }
 
 /// A second handle on a disk image, for copying it into snapshots.
@@ -274,7 +306,7 @@ pub fn build_microvm_for_boot(config: &VmConfig) -> Result<Vmm, BuildError> {
         Some(path) => Some(InitrdImage::open(path, config.mem_size)?),
         None => None,
     };
-    let pending = open_devices(config)?;
+    let (pending, content) = open_devices(config)?;
     log::debug!("boot: files and devices opened");
 
     let kvm = vm::open_kvm(&vm::kvm_path())?;
@@ -333,6 +365,7 @@ pub fn build_microvm_for_boot(config: &VmConfig) -> Result<Vmm, BuildError> {
         machine: MachineConfig { mem_size: config.mem_size, vcpus: config.vcpus },
         devices,
         mmio: Arc::new(mmio),
+        content,
         virtio,
         _working_disks: None,
         pending_vcpus: vcpus,
@@ -352,16 +385,31 @@ pub fn build_microvm_for_boot(config: &VmConfig) -> Result<Vmm, BuildError> {
     })
 }
 
+/// The restored VM's devices in slot order, the working copies' directory
+/// and the content service.
+type ReopenedDevices = (Vec<PendingDevice>, Option<WorkingDisks>, Option<Arc<ContentService>>);
+
 /// The saved virtio devices, opened again: disks from `options.disks`,
-/// vsock on its saved (or the given) socket. Returns the devices in slot
-/// order and the working copies' directory.
+/// vsock on its saved (or the given) socket with the content service of
+/// `options.content` (grants are never restored: they come from `options`).
 fn reopen_devices(
     dir: &Path,
     snapshot: &persist::SnapshotDir,
     options: &RestoreOptions,
-) -> Result<(Vec<PendingDevice>, Option<WorkingDisks>), BuildError> {
+) -> Result<ReopenedDevices, BuildError> {
     let mut pending = Vec::new();
     let mut working: Option<WorkingDisks> = None;
+    let has_vsock = snapshot
+        .state
+        .virtio
+        .iter()
+        .any(|d| matches!(d.backend, VirtioBackend::Vsock { .. } | VirtioBackend::VsockWithoutSocket));
+    if options.content.is_some() && !has_vsock {
+        return Err(BuildError::ContentWithoutVsock);
+    }
+    let (content, services) = start_content(options.content.as_ref())?;
+    // Moved into the vsock device (there is at most one).
+    let mut services = Some(services);
     for (index, saved) in snapshot.state.virtio.iter().enumerate() {
         let mismatch = |what: &str| BuildError::BadDevice(index, what.to_string());
         let (device, backend, name): (Box<dyn VirtioDevice>, SlotBackend, String) = match (&saved.backend, &saved.state.device) {
@@ -392,9 +440,14 @@ fn reopen_devices(
                 let block = Block::from_state(image, state).map_err(|e| BuildError::Block(path.display().to_string(), e))?;
                 (Box::new(block), backend, format!("virtio-blk{disk}"))
             }
-            (VirtioBackend::Vsock { uds_path }, DeviceState::Vsock(state)) => {
-                let uds_path = options.vsock_uds.clone().unwrap_or_else(|| uds_path.clone());
-                let device = Vsock::from_state(state, &uds_path)?;
+            (VirtioBackend::Vsock { .. } | VirtioBackend::VsockWithoutSocket, DeviceState::Vsock(state)) => {
+                let saved_path = match &saved.backend {
+                    VirtioBackend::Vsock { uds_path } => Some(uds_path.clone()),
+                    _ => None,
+                };
+                let uds_path = options.vsock_uds.clone().or(saved_path);
+                let services = services.take().ok_or_else(|| mismatch("a second vsock device"))?;
+                let device = Vsock::from_state_with_host(state, uds_path.as_deref(), services)?;
                 (Box::new(device), SlotBackend::Vsock { uds_path }, "virtio-vsock".into())
             }
             (VirtioBackend::Rng, DeviceState::Rng) => (Box::new(Rng::new()), SlotBackend::Rng, "virtio-rng".into()),
@@ -405,7 +458,7 @@ fn reopen_devices(
     if let Some(w) = &working {
         w.announce();
     }
-    Ok((pending, working))
+    Ok((pending, working, content))
 }
 
 /// Rebuilds a microVM from the snapshot in `dir`, with its vCPUs, in-kernel
@@ -446,7 +499,7 @@ pub fn build_microvm_from_snapshot(
         index_crc,
     };
     check_checkpoint_layout(&reader, &snapshot.state.machine)?;
-    let (pending, working_disks) = reopen_devices(dir, &snapshot, options)?;
+    let (pending, working_disks, content) = reopen_devices(dir, &snapshot, options)?;
     let state: SnapshotState = snapshot.state;
     phase("snapshot files read and checked, devices opened");
 
@@ -532,6 +585,7 @@ pub fn build_microvm_from_snapshot(
         machine: state.machine,
         devices,
         mmio: Arc::new(mmio),
+        content,
         virtio,
         _working_disks: working_disks,
         pending_vcpus: vcpus,

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use crate::content::service::ContentConfig;
 use crate::layout::{MAX_MEMORY, MIN_MEMORY};
 
 /// Most vCPUs a guest can have.
@@ -122,6 +123,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// Whether the guest gets a virtio-rng entropy device.
     pub rng: bool,
+    /// Content served to the guest over vsock (`docs/content.md`).
+    pub content: Option<ContentConfig>,
 }
 
 impl VmConfig {
@@ -152,6 +155,7 @@ impl VmConfig {
             disks: Vec::new(),
             vsock: None,
             rng: false,
+            content: None,
         })
     }
 

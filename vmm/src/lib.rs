@@ -7,6 +7,7 @@ pub mod boot;
 pub mod builder;
 pub mod checkpoint;
 pub mod config;
+pub mod content;
 pub mod devices;
 pub mod layout;
 pub mod persist;

@@ -10,6 +10,10 @@ use stasis::api::{self, AfterSnapshot, ApiRequest};
 use stasis::builder::{self, DiskSource, MemoryMode, RestoreOptions, WorkingSetMode};
 use stasis::vmm::{GuestExit, RestoreReport};
 use stasis::config::{parse_size, ConfigError, VmConfig};
+use stasis::content::grants::parse_grant_spec;
+use stasis::content::service::ContentConfig;
+use stasis::content::store::Store;
+use stasis::content::ContentId;
 use stasis::error_chain;
 
 #[derive(Debug, Parser)]
@@ -34,6 +38,11 @@ enum Command {
     Snapshot(SnapshotCmd),
     /// Show a running VM's state.
     Status(SockArgs),
+    /// Content for guests: a store of files by ID, and what a VM may fetch.
+    Content {
+        #[command(subcommand)]
+        command: ContentCommand,
+    },
     /// Checkpoint files: inspect, verify, pack, unpack.
     Checkpoint {
         #[command(subcommand)]
@@ -73,6 +82,97 @@ struct BootArgs {
     /// A virtio-rng entropy device, fed from the host's getrandom.
     #[arg(long, value_enum, default_value = "on")]
     rng: OnOff,
+    #[command(flatten)]
+    content: ContentArgs,
+}
+
+/// Content provisioning options of `boot` and `restore`.
+#[derive(Debug, clap::Args)]
+struct ContentArgs {
+    /// Serve content from this store to the guest over vsock
+    /// (docs/content.md); adds a vsock device (guest CID 3, no host
+    /// socket) when --vsock is not given.
+    #[arg(long, value_name = "DIR")]
+    content_store: Option<PathBuf>,
+    /// Let the guest fetch this content ID, N times at most and/or for
+    /// SECONDS. Repeatable. Grants are not saved in snapshots.
+    #[arg(long, value_name = "ID[,uses=N][,expires=SECONDS]", requires = "content_store")]
+    grant: Vec<String>,
+    /// The vsock host port the content service listens on.
+    #[arg(long, value_name = "PORT", default_value_t = stasis::content::service::DEFAULT_PORT, requires = "content_store")]
+    content_port: u32,
+    /// The largest item the guest may fetch, e.g. 64M.
+    #[arg(long, value_name = "SIZE", requires = "content_store")]
+    content_max_size: Option<String>,
+    /// Content requests per second the guest may make (0: no limit).
+    #[arg(long, value_name = "N", default_value_t = stasis::content::service::DEFAULT_RATE, requires = "content_store")]
+    content_rate: u32,
+}
+
+impl ContentArgs {
+    /// The content service these options ask for.
+    fn config(&self) -> Result<Option<ContentConfig>, Box<dyn std::error::Error>> {
+        let Some(store) = &self.content_store else { return Ok(None) };
+        let mut config = ContentConfig::new(store.clone());
+        config.port = self.content_port;
+        config.rate = self.content_rate;
+        config.max_size = match &self.content_max_size {
+            Some(size) => Some(parse_size(size).map_err(|e| format!("invalid --content-max-size: {e}"))?),
+            None => None,
+        };
+        config.grants = self.grant.iter().map(|g| parse_grant_spec(g)).collect::<Result<_, _>>()?;
+        Ok(Some(config))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum ContentCommand {
+    /// Import files into a content store (created if missing); prints
+    /// each file's ID.
+    Add {
+        /// The store directory.
+        #[arg(long, value_name = "DIR")]
+        store: PathBuf,
+        /// The files.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// List a content store's items and sizes.
+    List {
+        /// The store directory.
+        #[arg(long, value_name = "DIR")]
+        store: PathBuf,
+    },
+    /// Let a running VM fetch content IDs.
+    Grant {
+        /// The VM's control socket.
+        #[arg(long, value_name = "PATH")]
+        api_sock: PathBuf,
+        /// Each grant serves this many requests, then it is gone.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        uses: Option<u64>,
+        /// Each grant is gone after this many seconds.
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+        expires: Option<u64>,
+        /// The IDs (sha256:<64 hex digits>).
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<String>,
+    },
+    /// Take content grants away from a running VM.
+    Revoke {
+        /// The VM's control socket.
+        #[arg(long, value_name = "PATH")]
+        api_sock: PathBuf,
+        /// The IDs.
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<String>,
+    },
+    /// Show a running VM's content grants.
+    Grants {
+        /// The VM's control socket.
+        #[arg(long, value_name = "PATH")]
+        api_sock: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -154,6 +254,8 @@ struct RestoreArgs {
     /// The vsock device's host socket, instead of the one saved.
     #[arg(long, value_name = "UDS_PATH")]
     vsock_uds: Option<PathBuf>,
+    #[command(flatten)]
+    content: ContentArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -258,11 +360,12 @@ fn progress_bar() -> Box<dyn FnMut(u64, u64) + Send> {
 fn boot(args: BootArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let memory = parse_size(&args.memory).map_err(CliError::Memory)?;
     let vcpus: u64 = args.vcpus.trim().parse().map_err(|_| CliError::Vcpus(args.vcpus.clone()))?;
-    let config = VmConfig::new(args.kernel, args.initrd, args.cmdline, memory, vcpus)?.with_devices(
+    let mut config = VmConfig::new(args.kernel, args.initrd, args.cmdline, memory, vcpus)?.with_devices(
         &args.disk,
         args.vsock.as_deref(),
         matches!(args.rng, OnOff::On),
     )?;
+    config.content = args.content.config()?;
     let mut vmm = builder::build_microvm_for_boot(&config)?;
     vmm.set_snapshot_progress(progress_bar());
     let (result, _) = vmm.run(args.api_sock.as_deref());
@@ -326,7 +429,7 @@ fn restore(args: RestoreArgs, start: Instant) -> Result<ExitCode, Box<dyn std::e
         DiskSourceArg::Copy => DiskSource::Copy { dir: args.disk_dir },
         DiskSourceArg::Original => DiskSource::Original,
     };
-    let options = RestoreOptions { memory, disks, vsock_uds: args.vsock_uds };
+    let options = RestoreOptions { memory, disks, vsock_uds: args.vsock_uds, content: args.content.config()? };
     let mut vmm = builder::build_microvm_from_snapshot(&args.dir, &options, start)?;
     vmm.set_snapshot_progress(progress_bar());
     let (result, report) = vmm.run(args.api_sock.as_deref());
@@ -339,6 +442,36 @@ fn control(sock: PathBuf, request: ApiRequest) -> Result<ExitCode, Box<dyn std::
     let reply = api::send_request(&sock, &request)?;
     println!("{}", serde_json::Value::Object(reply));
     Ok(ExitCode::SUCCESS)
+}
+
+/// Content IDs from the command line.
+fn parse_ids(ids: &[String]) -> Result<Vec<ContentId>, Box<dyn std::error::Error>> {
+    Ok(ids.iter().map(|id| id.parse::<ContentId>()).collect::<Result<_, _>>()?)
+}
+
+/// `stasis content ...`.
+fn content(command: ContentCommand) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    match command {
+        ContentCommand::Add { store, files } => {
+            let store = Store::create_or_open(&store)?;
+            for file in files {
+                let imported = store.add(&file)?;
+                println!("{}  {}", imported.id, file.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ContentCommand::List { store } => {
+            for (id, size) in Store::open(&store)?.list()? {
+                println!("{id} {size}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ContentCommand::Grant { api_sock, uses, expires, ids } => {
+            control(api_sock, ApiRequest::Grant { ids: parse_ids(&ids)?, uses, expires_s: expires })
+        }
+        ContentCommand::Revoke { api_sock, ids } => control(api_sock, ApiRequest::Revoke { ids: parse_ids(&ids)? }),
+        ContentCommand::Grants { api_sock } => control(api_sock, ApiRequest::Grants),
+    }
 }
 
 /// `stasis snapshot flatten DIR --out NEW`.
@@ -376,6 +509,7 @@ fn main() -> ExitCode {
                 _ => Err("stasis snapshot needs --api-sock and --out".into()),
             }
         }
+        Command::Content { command } => content(command),
         Command::Checkpoint { command } => stasis::checkpoint::cli::run(command)
             .map(|()| ExitCode::SUCCESS)
             .map_err(Into::into),

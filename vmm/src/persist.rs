@@ -24,7 +24,9 @@
 //! ```
 //!
 //! Version 1.1 added the virtio devices (`SnapshotState::virtio`); a 1.0
-//! file, from before there were any, still restores.
+//! file, from before there were any, still restores. Version 1.2 added
+//! `VirtioBackend::VsockWithoutSocket` (a vsock device serving only the
+//! VMM's content service); 1.1 files read as they are.
 //!
 //! A reader refuses another major version, a payload length beyond the
 //! bound or different from what the file holds, and a checksum mismatch,
@@ -56,8 +58,8 @@ pub const STATE_FILE: &str = "state.bin";
 pub const MEMORY_FILE: &str = "memory.ckpt";
 
 const STATE_MAGIC: [u8; 8] = *b"STASISST";
-/// State file version: major 1, minor 1.
-pub const STATE_VERSION: u32 = (1 << 16) | 1;
+/// State file version: major 1, minor 2.
+pub const STATE_VERSION: u32 = (1 << 16) | 2;
 const STATE_HEADER_LEN: usize = 24;
 /// Largest state payload accepted.
 pub const MAX_STATE_LEN: u64 = 64 << 20;
@@ -178,6 +180,9 @@ pub enum VirtioBackend {
     },
     /// The entropy device.
     Rng,
+    /// A vsock device with no host socket: only the VMM's content service
+    /// answers the guest (state version 1.2).
+    VsockWithoutSocket,
 }
 
 /// The manifest: what a snapshot directory holds.

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{Kvm, VmFd};
 use crate::vstate::memory::GuestMemoryMmap;
 
+use crate::content::grants::GrantLimits;
+use crate::content::service::ContentService;
 use crate::api::{AfterSnapshot, ApiCall, ApiError, ApiReply, ApiRequest, ApiServer};
 use crate::checkpoint::{self, Reader, WriteStats, WriterOptions};
 use crate::devices::bus::{lock, MmioBus, PioBus};
@@ -112,8 +114,9 @@ pub(crate) enum SlotBackend {
     },
     /// The vsock device's host socket.
     Vsock {
-        /// Its path.
-        uds_path: PathBuf,
+        /// Its path; `None` when only the VMM's own services (content)
+        /// are on the host side.
+        uds_path: Option<PathBuf>,
     },
     /// The entropy device.
     Rng,
@@ -374,6 +377,8 @@ pub struct Vmm {
     /// closed them.
     pub(crate) _working_disks: Option<WorkingDisks>,
     pub(crate) mmio: Arc<MmioBus>,
+    /// The content service, shared with the vsock device.
+    pub(crate) content: Option<Arc<ContentService>>,
     pub(crate) kvm: Kvm,
     pub(crate) vm: VmFd,
     pub(crate) mem: GuestMemoryMmap,
@@ -649,11 +654,40 @@ impl Vmm {
                 let report = report.map_err(text)?;
                 snapshot = Some(snapshot_json(&report, "stop-the-world"));
             }
+            ApiRequest::Grant { .. } | ApiRequest::Revoke { .. } | ApiRequest::Grants => {
+                return self.handle_content(request);
+            }
         }
         let mut fields = self.status_fields();
         if let Some(value) = snapshot {
             fields.insert("snapshot".into(), value);
         }
+        Ok(fields)
+    }
+
+    /// Serves a grant, revoke or grants request.
+    fn handle_content(&self, request: ApiRequest) -> ApiReply {
+        let Some(content) = &self.content else {
+            return Err("this VM serves no content: start it with --content-store DIR".into());
+        };
+        match request {
+            ApiRequest::Grant { ids, uses, expires_s } => {
+                let limits = GrantLimits { uses, expires_after: expires_s.map(Duration::from_secs) };
+                content.grant(&ids, limits).map_err(|e| error_chain(&e))?;
+                log::info!("content: granted {} ID(s) over the control socket", ids.len());
+            }
+            ApiRequest::Revoke { ids } => {
+                let missing = content.revoke(&ids);
+                if !missing.is_empty() {
+                    let list: Vec<String> = missing.iter().map(ToString::to_string).collect();
+                    return Err(format!("not granted to this VM (the rest are revoked): {}", list.join(", ")));
+                }
+            }
+            _ => {}
+        }
+        let mut fields = serde_json::Map::new();
+        let grants = serde_json::to_value(content.grants()).map_err(|e| e.to_string())?;
+        fields.insert("grants".into(), grants);
         Ok(fields)
     }
 
@@ -848,7 +882,8 @@ impl Vmm {
                     let original_identity = FileIdentity::of(path).map_err(|e| VmmError::CopyDisk(path.clone(), e))?;
                     VirtioBackend::Block { file: name, original: path.clone(), original_identity, read_only: *read_only }
                 }
-                SlotBackend::Vsock { uds_path } => VirtioBackend::Vsock { uds_path: uds_path.clone() },
+                SlotBackend::Vsock { uds_path: Some(uds_path) } => VirtioBackend::Vsock { uds_path: uds_path.clone() },
+                SlotBackend::Vsock { uds_path: None } => VirtioBackend::VsockWithoutSocket,
                 SlotBackend::Rng => VirtioBackend::Rng,
             };
             virtio.push(SavedVirtioDevice { backend, state: transport.snapshot() });

@@ -1,7 +1,8 @@
 //! virtio-vsock (virtio 1.2, section 5.10) with a Unix-socket host side,
 //! the convention Firecracker and Cloud Hypervisor users know: host
 //! programs connect to one Unix socket and say `CONNECT <port>\n`; guest
-//! connections to host port P go to the Unix socket `<path>_P`.
+//! connections to host port P go to the Unix socket `<path>_P`, or to a
+//! [`HostService`] the VMM runs itself on that port.
 //!
 //! Queues: rx 0 (device to guest), tx 1 (guest to device), event 2.
 //! Only stream sockets are served. [`connection`] holds one connection's
@@ -18,7 +19,9 @@ pub mod packet;
 
 use std::io;
 use std::os::unix::io::RawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -85,6 +88,17 @@ pub enum VsockError {
     EventLoop(#[source] io::Error),
 }
 
+/// A host port the VMM serves itself.
+pub trait HostService: Send + Sync {
+    /// A guest connected to the port: the VMM's end of a new stream to the
+    /// service (the device sets it non-blocking). An error resets the
+    /// guest's connection.
+    fn connect(&self) -> io::Result<UnixStream>;
+}
+
+/// Host ports and the services on them.
+pub type HostServices = Vec<(u32, Arc<dyn HostService>)>;
+
 /// virtio-vsock state saved in a snapshot. Connections are not saved.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockState {
@@ -109,12 +123,19 @@ impl Vsock {
     /// A device for a guest with CID `guest_cid`, listening for host
     /// connections on the Unix socket `uds_path`.
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, VsockError> {
+        Vsock::with_host(guest_cid, Some(uds_path), Vec::new())
+    }
+
+    /// A device for a guest with CID `guest_cid`: host programs connect
+    /// through `uds_path` when given, and guest connections to the ports
+    /// of `services` reach those services.
+    pub fn with_host(guest_cid: u64, uds_path: Option<&Path>, services: HostServices) -> Result<Self, VsockError> {
         if !(3..=MAX_GUEST_CID).contains(&guest_cid) {
             return Err(VsockError::BadCid(guest_cid));
         }
         Ok(Vsock {
             guest_cid,
-            muxer: Muxer::new(guest_cid, uds_path)?,
+            muxer: Muxer::new(guest_cid, uds_path, services)?,
             tx_stalled: false,
             event_pending: false,
             rx_buf: vec![0; MAX_PKT_DATA as usize],
@@ -126,6 +147,15 @@ impl Vsock {
     /// [`VirtioDevice::restored`] when it runs again.
     pub fn from_state(state: &VsockState, uds_path: &Path) -> Result<Self, VsockError> {
         Vsock::new(state.guest_cid, uds_path)
+    }
+
+    /// [`Vsock::from_state`] with the host side of [`Vsock::with_host`].
+    pub fn from_state_with_host(
+        state: &VsockState,
+        uds_path: Option<&Path>,
+        services: HostServices,
+    ) -> Result<Self, VsockError> {
+        Vsock::with_host(state.guest_cid, uds_path, services)
     }
 
     /// The guest's CID.

@@ -8,6 +8,9 @@
 //! answers RESPONSE the host program reads `OK <host port>\n`. Guest to
 //! host: a REQUEST to host port P connects to the Unix socket
 //! `<uds_path>_P`; RESPONSE if someone listens there, RST otherwise.
+//! A port the VMM serves itself ([`HostService`], e.g. content
+//! provisioning) is handed to that service instead, with or without a
+//! Unix socket; a device with no socket refuses every other port.
 //!
 //! Everything waits on one level-triggered epoll ([`Muxer::epoll_fd`]).
 //! A stream is watched for input only while the guest has credit for it
@@ -22,6 +25,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -32,7 +36,7 @@ use super::packet::{
     Header, HOST_CID, MAX_PKT_DATA, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
     OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
-use super::VsockError;
+use super::{HostService, HostServices, VsockError};
 use crate::devices::virtio::WarnLimiter;
 
 /// Connections, established or still sending their CONNECT line, at most.
@@ -51,6 +55,12 @@ const EVENTS_PER_WAIT: usize = 64;
 
 /// (host port, guest port).
 type ConnKey = (u32, u32);
+
+/// The listener host programs connect to, and where it is.
+struct HostSocket {
+    uds_path: PathBuf,
+    listener: UnixListener,
+}
 
 /// A host stream that has not finished its CONNECT line.
 struct PendingConnect {
@@ -73,8 +83,10 @@ pub enum RxNext {
 /// The host side.
 pub struct Muxer {
     guest_cid: u64,
-    uds_path: PathBuf,
-    listener: UnixListener,
+    /// The Unix socket for host programs, if the device has one.
+    host: Option<HostSocket>,
+    /// Host ports the VMM serves itself.
+    services: HashMap<u32, Arc<dyn HostService>>,
     epoll: Epoll,
     timer: TimerFd,
     pending: HashMap<RawFd, PendingConnect>,
@@ -88,21 +100,27 @@ pub struct Muxer {
 }
 
 impl Muxer {
-    /// Listens on `uds_path` for a guest with CID `guest_cid`.
-    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, VsockError> {
-        let listener = bind_listener(uds_path)?;
+    /// Listens on `uds_path` (when given) for a guest with CID
+    /// `guest_cid`, and hands guest connections to the ports of `services`
+    /// to them.
+    pub fn new(guest_cid: u64, uds_path: Option<&Path>, services: HostServices) -> Result<Self, VsockError> {
+        let host = match uds_path {
+            Some(path) => Some(HostSocket { uds_path: path.to_path_buf(), listener: bind_listener(path)? }),
+            None => None,
+        };
         let epoll = Epoll::new().map_err(VsockError::EventLoop)?;
         let timer = TimerFd::new()
             .map_err(|e| VsockError::EventLoop(io::Error::from_raw_os_error(e.errno())))?;
-        for fd in [listener.as_raw_fd(), timer.as_raw_fd()] {
+        let listener_fd = host.as_ref().map(|h| h.listener.as_raw_fd());
+        for fd in listener_fd.into_iter().chain([timer.as_raw_fd()]) {
             epoll
                 .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, fd as u64))
                 .map_err(VsockError::EventLoop)?;
         }
         Ok(Muxer {
             guest_cid,
-            uds_path: uds_path.to_path_buf(),
-            listener,
+            host,
+            services: services.into_iter().collect(),
             epoll,
             timer,
             pending: HashMap::new(),
@@ -174,7 +192,7 @@ impl Muxer {
         };
         for ev in &events[..n] {
             let fd = ev.data() as RawFd;
-            if fd == self.listener.as_raw_fd() {
+            if self.host.as_ref().is_some_and(|h| h.listener.as_raw_fd() == fd) {
                 self.accept_all();
             } else if fd == self.timer.as_raw_fd() {
                 self.expire_pending();
@@ -323,12 +341,10 @@ impl Muxer {
             self.reply_rst(hdr);
             return;
         }
-        let mut path = OsString::from(self.uds_path.as_os_str());
-        path.push(format!("_{}", hdr.dst_port));
-        let stream = match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+        let stream = match self.connect_host_side(hdr.dst_port) {
             Ok(s) => s,
             Err(e) => {
-                log::debug!("vsock: guest connection to {}: {e}", Path::new(&path).display());
+                log::debug!("vsock: guest connection to host port {}: {e}", hdr.dst_port);
                 self.reply_rst(hdr);
                 return;
             }
@@ -341,6 +357,24 @@ impl Muxer {
         } else {
             self.reply_rst(hdr);
         }
+    }
+
+    /// The host end of a guest connection to host port `port`: the
+    /// VMM's own service on that port, else the Unix socket
+    /// `<uds_path>_<port>`.
+    fn connect_host_side(&mut self, port: u32) -> io::Result<UnixStream> {
+        let stream = if let Some(service) = self.services.get(&port) {
+            service.connect()?
+        } else if let Some(host) = &self.host {
+            let mut path = OsString::from(host.uds_path.as_os_str());
+            path.push(format!("_{port}"));
+            UnixStream::connect(&path)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", Path::new(&path).display())))?
+        } else {
+            return Err(io::Error::new(io::ErrorKind::ConnectionRefused, "nothing serves this port"));
+        };
+        stream.set_nonblocking(true)?;
+        Ok(stream)
     }
 
     fn insert(&mut self, key: ConnKey, conn: Connection) -> bool {
@@ -453,8 +487,9 @@ impl Muxer {
     }
 
     fn accept_all(&mut self) {
+        let Some(host) = &self.host else { return };
         loop {
-            match self.listener.accept() {
+            match host.listener.accept() {
                 Ok((stream, _)) => {
                     if self.conns.len() + self.pending.len() >= MAX_CONNECTIONS {
                         self.warn.warn(format_args!("vsock: refused a host connection: too many connections"));
@@ -473,7 +508,7 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    self.warn.warn(format_args!("vsock: accept on {} failed: {e}", self.uds_path.display()));
+                    self.warn.warn(format_args!("vsock: accept on {} failed: {e}", host.uds_path.display()));
                     break;
                 }
             }
@@ -562,7 +597,7 @@ impl Muxer {
     }
 }
 
-impl Drop for Muxer {
+impl Drop for HostSocket {
     fn drop(&mut self) {
         if let Err(e) = fs::remove_file(&self.uds_path) {
             log::debug!("cannot remove {}: {e}", self.uds_path.display());
