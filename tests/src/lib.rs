@@ -27,6 +27,26 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound for a VM to end once told to.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The sha256 of `bytes`, in lowercase hex (as `sha256sum` prints it).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `len` deterministic bytes that do not compress or repeat (xorshift64
+/// from `seed`, which must not be zero).
+pub fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        out.extend_from_slice(&seed.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
 /// A scratch directory that lives as long as the test.
 pub fn scratch() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("stasis-e2e").tempdir().expect("tempdir")

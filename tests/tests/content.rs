@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
-use stasis_e2e::{boot_args, run_in_kvm_host, scratch, snapshot, stasis_bin, Guest, EXIT_TIMEOUT};
+use stasis_e2e::{
+    boot_args, pseudo_random, run_in_kvm_host, scratch, sha256_hex, snapshot, stasis_bin, Guest, EXIT_TIMEOUT,
+};
 
 /// Moving hundreds of MiB through vsock under nested KVM.
 const WORK_TIMEOUT: Duration = Duration::from_secs(600);
@@ -23,22 +24,7 @@ fn text(path: &Path) -> String {
     path.to_str().expect("utf-8 path").to_string()
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
 
-/// Deterministic bytes that do not compress or repeat.
-fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        out.extend_from_slice(&seed.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// `stasis ARGS`, checked to succeed; its stdout.
 fn stasis(args: &[&str]) -> String {

@@ -14,9 +14,9 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use stasis_e2e::{
-    boot_args, guest_image, repo_root, run_in_kvm_host, run_in_kvm_host_carrying, scratch, snapshot, Guest,
+    boot_args, guest_image, pseudo_random, repo_root, run_in_kvm_host, run_in_kvm_host_carrying, scratch,
+    sha256_hex, snapshot, Guest,
     COMMAND_TIMEOUT, EXIT_TIMEOUT,
 };
 
@@ -47,9 +47,6 @@ fn root_args(disk: &Path) -> Vec<String> {
     vec!["--disk".into(), text(disk), "--cmdline".into(), ROOT_CMDLINE.into()]
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// sha256 of the first `len` bytes of the file at `path`.
 fn file_sha256(path: &Path, len: usize) -> String {
@@ -58,18 +55,6 @@ fn file_sha256(path: &Path, len: usize) -> String {
     sha256_hex(&buf)
 }
 
-/// Deterministic bytes that do not compress or repeat.
-fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        out.extend_from_slice(&seed.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 #[test]
 fn root_on_disk_persists_across_boots_and_rng_feeds_the_guest() {

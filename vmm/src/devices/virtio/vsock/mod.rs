@@ -672,6 +672,55 @@ mod tests {
         assert!(g.irq_count.load(Ordering::SeqCst) > 0);
     }
 
+    /// A service that echoes what it reads, one thread per connection.
+    struct Echo;
+
+    impl HostService for Echo {
+        fn connect(&self) -> io::Result<UnixStream> {
+            let (ours, mut theirs) = UnixStream::pair()?;
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = theirs.read(&mut buf) {
+                    if n == 0 || theirs.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+            Ok(ours)
+        }
+    }
+
+    #[test]
+    fn a_host_service_answers_its_port_on_a_device_without_a_socket() {
+        let services: HostServices = vec![(5050, Arc::new(Echo))];
+        let mut dev = Vsock::with_host(GUEST_CID, None, services).expect("vsock");
+        let mut g = Guest::new();
+        g.give_rx(8, 4096);
+        g.send(Header { buf_alloc: 65536, ..from_guest(OP_REQUEST, 7000, 5050) }, &[]);
+        dev.process_queue(TX_QUEUE, &mut g.ctx());
+        let got = g.received();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0.op, OP_RESPONSE, "the service took the connection");
+        g.send(rw(7000, 5050, b"ping"), b"ping");
+        dev.process_queue(TX_QUEUE, &mut g.ctx());
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut echoed = Vec::new();
+        while echoed.len() < 4 && std::time::Instant::now() < deadline {
+            pump(&mut dev, &mut g);
+            for (hdr, data) in g.received() {
+                assert_eq!((hdr.op, hdr.src_port, hdr.dst_port), (OP_RW, 5050, 7000));
+                echoed.extend_from_slice(&data);
+            }
+        }
+        assert_eq!(echoed, b"ping");
+        // Any other port: nothing serves it, the guest gets a reset.
+        g.send(Header { buf_alloc: 65536, ..from_guest(OP_REQUEST, 7001, 5051) }, &[]);
+        dev.process_queue(TX_QUEUE, &mut g.ctx());
+        let got = g.received();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0.op, OP_RST);
+    }
+
     #[test]
     fn guest_connect_to_listening_port_gets_response_and_data() {
         let (_dir, path, mut dev, mut g) = setup();
