@@ -60,12 +60,15 @@ fn add_files(dir: &Path, store: &Path, files: &[(&str, &[u8])]) -> Vec<String> {
 /// `stasis-get ARGS` in the guest: its exit status and what it printed on
 /// stderr.
 fn fetch(guest: &mut Guest, args: &str) -> (String, String) {
+    let started = std::time::Instant::now();
     let answer = guest.query_within(
         "GET",
         &format!("stasis-get {args} 2>/tmp/get.err; echo \"GET=$?:$(head -c 400 /tmp/get.err)\""),
         WORK_TIMEOUT,
     );
     let (rc, message) = answer.split_once(':').unwrap_or((&answer, ""));
+    // Progress for the test's log: where a slow run spends its time.
+    eprintln!("content: stasis-get {args:.90} -> {rc} in {:.1} s", started.elapsed().as_secs_f64());
     (rc.to_string(), message.to_string())
 }
 
@@ -128,11 +131,13 @@ fn guest_gets_exactly_what_it_was_granted() {
         ("removed", b"granted, then removed from the store\n"),
     ];
     let ids = add_files(dir.path(), &store, &files);
+    eprintln!("content: store ready");
     let [small_id, big_id, secret_id, limited_id, altered_id, removed_id] = &ids[..] else { unreachable!() };
     let sock = dir.path().join("api.sock");
     let grants =
         [small_id.clone(), big_id.clone(), format!("{limited_id},uses=2"), altered_id.clone(), removed_id.clone()];
     let mut guest = boot_with_store(&store, &sock, &grants);
+    eprintln!("content: guest ready");
 
     // The two granted items, whole and identical.
     assert_eq!(fetch(&mut guest, &format!("{small_id} -o /tmp/small")).0, "0");

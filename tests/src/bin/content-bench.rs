@@ -51,8 +51,8 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use stasis_e2e::{pseudo_random, sha256_hex};
 use stasis_e2e::bench::{self, ask, emit, guarded, last_chars, note, secs, CommonOpts, Res, EXIT_TIMEOUT};
+use stasis_e2e::{pseudo_random, sha256_hex};
 
 const MEM_MIB: u64 = 1024;
 /// The host port of the plain vsock stream.
@@ -97,8 +97,6 @@ impl Opts {
         o
     }
 }
-
-
 
 /// `stasis content add --store STORE FILE`: the file's ID.
 fn add(o: &Opts, store: &Path, file: &Path) -> Res<String> {

@@ -362,7 +362,7 @@ impl Muxer {
     /// The host end of a guest connection to host port `port`: the
     /// VMM's own service on that port, else the Unix socket
     /// `<uds_path>_<port>`.
-    fn connect_host_side(&mut self, port: u32) -> io::Result<UnixStream> {
+    fn connect_host_side(&self, port: u32) -> io::Result<UnixStream> {
         let stream = if let Some(service) = self.services.get(&port) {
             service.connect()?
         } else if let Some(host) = &self.host {
