@@ -37,7 +37,7 @@
 //! snapshot or the new one, never a mix.
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use bincode::Options;
@@ -327,18 +327,24 @@ fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, PersistError> {
     fs::read(path).map_err(|e| PersistError::Read(path.to_path_buf(), e))
 }
 
-/// Writes `bytes` to `path` and fsyncs it.
+/// Writes `bytes` to a new (or truncated) file at `path` and fsyncs it.
+pub(crate) fn write_file_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut file = File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// Makes the names in directory `dir` durable (after a create or rename).
+pub(crate) fn sync_directory(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), PersistError> {
-    let werr = |e| PersistError::Write(path.to_path_buf(), e);
-    let mut file = File::create(path).map_err(werr)?;
-    file.write_all(bytes).map_err(werr)?;
-    file.sync_all().map_err(werr)
+    write_file_synced(path, bytes).map_err(|e| PersistError::Write(path.to_path_buf(), e))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), PersistError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| PersistError::Write(dir.to_path_buf(), e))
+    sync_directory(dir).map_err(|e| PersistError::Write(dir.to_path_buf(), e))
 }
 
 /// A snapshot being written: files go into a partial directory that

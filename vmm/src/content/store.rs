@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::ContentId;
+use crate::persist::{sync_directory, write_file_synced};
 
 /// The file that makes a directory a content store.
 pub const MARKER: &str = "stasis-content-store.json";
@@ -176,11 +177,13 @@ impl Store {
             let marker = serde_json::to_vec(&Marker { format: FORMAT.to_owned(), version: VERSION })
                 .map_err(|e| StoreError::Write { path: root.join(MARKER), source: io::Error::other(e) })?;
             let tmp = root.join(TMP).join(MARKER);
-            write_synced(&tmp, &marker).map_err(write_err(&tmp))?;
+            write_file_synced(&tmp, &marker)
+                .and_then(|()| fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)))
+                .map_err(write_err(&tmp))?;
             fs::rename(&tmp, root.join(MARKER)).map_err(write_err(&root.join(MARKER)))?;
-            sync_dir(root).map_err(write_err(root))?;
+            sync_directory(root).map_err(write_err(root))?;
             if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
-                sync_dir(parent).map_err(write_err(parent))?;
+                sync_directory(parent).map_err(write_err(parent))?;
             }
         }
         Store::open(root)
@@ -231,7 +234,7 @@ impl Store {
             return Ok(Imported { id, size, added: false });
         }
         let placed = fs::rename(&tmp, &target)
-            .and_then(|()| sync_dir(&self.root.join(ITEMS)))
+            .and_then(|()| sync_directory(&self.root.join(ITEMS)))
             .map_err(write_err(&target));
         if placed.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -346,18 +349,6 @@ fn open_dir_nofollow(path: &Path) -> io::Result<OwnedFd> {
     Ok(OwnedFd::from(file))
 }
 
-/// Writes `data` to a new file at `path` and syncs it.
-fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
-    let mut file = File::create(path)?;
-    file.write_all(data)?;
-    file.set_permissions(fs::Permissions::from_mode(0o644))?;
-    file.sync_all()
-}
-
-/// Makes the names in directory `path` durable.
-fn sync_dir(path: &Path) -> io::Result<()> {
-    File::open(path)?.sync_all()
-}
 
 #[cfg(test)]
 mod tests {
