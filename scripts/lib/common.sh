@@ -74,3 +74,7 @@ ensure_packages() {
     fi
     rm -f "$log"
 }
+
+# The test host's L1 CPU model (QEMU -cpu): STASIS_TESTHOST_CPU, or QEMU's
+# `max` without ERMS and FSRM (why: docs/testhost.md, "The L1's CPU").
+testhost_cpu_model() { echo "${STASIS_TESTHOST_CPU:-max,-erms,-fsrm}"; }

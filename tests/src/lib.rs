@@ -395,10 +395,12 @@ impl Guest {
     /// Types `line` and a newline on the guest console.
     pub fn send_line(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("console input already closed");
-        stdin
-            .write_all(format!("{line}\n").as_bytes())
-            .and_then(|()| stdin.flush())
-            .unwrap_or_else(|e| panic!("cannot type on the guest console: {e}"));
+        if let Err(e) = stdin.write_all(format!("{line}\n").as_bytes()).and_then(|()| stdin.flush()) {
+            // The VMM has gone: its last words say why.
+            let out = self.output();
+            let tail: String = out.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            panic!("cannot type on the guest console: {e}; the end of its output:\n{tail}");
+        }
     }
 
     /// Types `command`, then waits for a line `MARKER=<value>` printed after

@@ -473,7 +473,9 @@ pub fn build_microvm_from_snapshot(
     let memory = options.memory;
     let phase = |what: &str| log::debug!("restore: {what} at {:.1} ms", process_start.elapsed().as_secs_f64() * 1000.0);
     // Everything from the files is read and checked before KVM is touched.
+    phase("restore started");
     let snapshot = persist::open_snapshot(dir)?;
+    phase("snapshot state read");
     // Faults touch scattered blocks: each reads only its own block's stored
     // bytes, not the whole storage block around it (the checkpoint
     // benchmark: a warm 64 KiB block read is ~30 us alone, ~170 us when it
@@ -488,6 +490,7 @@ pub fn build_microvm_from_snapshot(
     let layers: Vec<PathBuf> = chain.iter().map(|layer| layer.memory_path.clone()).collect();
     let reader = Reader::open_chain(&layers, reader_options).map_err(BuildError::OpenCheckpoint)?;
     let index_crc = reader.index_crc();
+    phase("checkpoint opened");
     // Snapshots from before VM ids get one now.
     let vm_id = match snapshot.manifest.vm_id.as_str() {
         "" => persist::new_id(),
@@ -503,24 +506,11 @@ pub fn build_microvm_from_snapshot(
     let state: SnapshotState = snapshot.state;
     phase("snapshot files read and checked, devices opened");
 
-    let kvm = vm::open_kvm(&vm::kvm_path())?;
-    vm::check_vcpu_limit(&kvm, state.machine.vcpus)?;
-    vcpu::check_xsave_size(&kvm)?;
-    let vm = vm::create_vm(&kvm)?;
     let mem = create_guest_memory(state.machine.mem_size)?;
-    vm::register_memory(&vm, &mem, false)?;
-    phase("VM and memory created");
-    // Changes are tracked from the restored state on: the snapshot is
-    // this VM's latest, which an incremental snapshot may build on.
-    let mut dirty = DirtyLog::default();
-
-    let (events_tx, events_rx) = channel::<VmEvent>();
-    // Memory before any vCPU can run. Lazy: registered with userfaultfd and
-    // served by the handler thread from here on.
-    let (lazy, mode_name) = match memory {
-        MemoryMode::Lazy { prefetch, working_set, working_set_before: _, working_set_window } => {
+    let plan = match memory {
+        MemoryMode::Lazy { working_set, working_set_window, .. } => {
             let record = WorkingSetPlan::Record { window: working_set_window, dir: dir.to_path_buf() };
-            let plan = match working_set {
+            match working_set {
                 WorkingSetMode::Off => WorkingSetPlan::Off,
                 WorkingSetMode::Record => record,
                 WorkingSetMode::Auto => match working_set::load(dir, &reader) {
@@ -531,9 +521,61 @@ pub fn build_microvm_from_snapshot(
                         record
                     }
                 },
-            };
+            }
+        }
+        MemoryMode::Eager => WorkingSetPlan::Off,
+    };
+    // A working set loaded before the vCPUs start goes straight into guest
+    // memory while KVM is set up beside it, before the memory is
+    // registered with userfaultfd (uffd::preload).
+    let (kvm, vm, plan) = std::thread::scope(|s| -> Result<_, BuildError> {
+        let preloading = match (memory, plan) {
+            (MemoryMode::Lazy { working_set_before: true, .. }, WorkingSetPlan::Load { set }) => {
+                let (mem, reader) = (&mem, &reader);
+                let thread = std::thread::Builder::new()
+                    .name("ws-preload".into())
+                    .spawn_scoped(s, move || uffd::preload(mem, reader, &set).map(|took| (set, took)))
+                    .map_err(UffdError::Spawn)?;
+                Err(thread)
+            }
+            (_, plan) => Ok(plan),
+        };
+        let kvm_setup = (|| -> Result<_, BuildError> {
+            let kvm = vm::open_kvm(&vm::kvm_path())?;
+            vm::check_vcpu_limit(&kvm, state.machine.vcpus)?;
+            vcpu::check_xsave_size(&kvm)?;
+            let vm = vm::create_vm(&kvm)?;
+            vm::register_memory(&vm, &mem, false)?;
+            Ok((kvm, vm))
+        })();
+        let plan = match preloading {
+            Ok(plan) => plan,
+            Err(thread) => {
+                let (set, took) = thread
+                    .join()
+                    .map_err(|_| UffdError::Load("the working set's preload thread panicked".into()))??;
+                WorkingSetPlan::Preloaded { set, took }
+            }
+        };
+        let (kvm, vm) = kvm_setup?;
+        Ok((kvm, vm, plan))
+    })?;
+    phase("VM and memory created");
+    // Changes are tracked from the restored state on: the snapshot is
+    // this VM's latest, which an incremental snapshot may build on.
+    let mut dirty = DirtyLog::default();
+
+    let (events_tx, events_rx) = channel::<VmEvent>();
+    // Memory before any vCPU can run. Lazy: registered with userfaultfd and
+    // served by the handler thread from here on.
+    let (lazy, mode_name) = match memory {
+        MemoryMode::Lazy { prefetch, .. } => {
+            let preloaded = matches!(plan, WorkingSetPlan::Preloaded { .. });
             let options = LazyOptions { prefetch, working_set: plan };
             let lazy = LazyMemory::start(&mem, Arc::new(reader), options, events_tx.clone())?;
+            if preloaded {
+                uffd::allow_huge_pages(&mem);
+            }
             (Some(lazy), "lazy")
         }
         MemoryMode::Eager => {

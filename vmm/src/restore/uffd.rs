@@ -23,10 +23,13 @@
 //!   background prefetch it lowers its priority (nice 10), so that it takes
 //!   a smaller share of a busy CPU than the guest.
 //!
-//! The working set is loaded either before the vCPUs start (the restore
-//! waits in [`LazyMemory::wait_working_set`] just before starting them, so
-//! the load overlaps the rest of the restore) or while they run, the faults
-//! taking priority. A restore
+//! The working set is loaded either before the vCPUs start or while they
+//! run, the faults taking priority. Before: [`preload`] decompresses it
+//! straight into guest memory while KVM is being set up, before the memory
+//! is registered with userfaultfd, so it needs no `UFFDIO_COPY` and the
+//! guest never faults on it; the loader starts with those blocks marked
+//! loaded ([`WorkingSetPlan::Preloaded`]). While they run: the loader
+//! threads load it first, in its order. A restore
 //! without one can record it ([`WorkingSetPlan::Record`]): for a window
 //! the fault thread notes the blocks the guest faults on, in order, with
 //! prefetch held back and no fault batching, then saves the list beside
@@ -120,6 +123,9 @@ pub enum WorkingSetPlan {
     /// Records the blocks the guest faults on during `window` and saves
     /// them as the working set of snapshot directory `dir`.
     Record { window: Duration, dir: PathBuf },
+    /// `set` is in guest memory already: [`preload`] put it there, in
+    /// `took`, before the memory was registered.
+    Preloaded { set: WorkingSet, took: Duration },
 }
 
 /// How a lazy restore loads memory.
@@ -384,11 +390,14 @@ impl LazyMemory {
         }
         let data_missing = infos.iter().filter(|info| info.kind != BlockKind::Zero).count();
         let count = infos.len();
-        let (set, record) = match options.working_set {
-            WorkingSetPlan::Off => (Vec::new(), None),
-            WorkingSetPlan::Load { set } => (set.blocks, None),
-            WorkingSetPlan::Record { window, dir } => (Vec::new(), Some((window, dir))),
+        let (set, record, preloaded) = match options.working_set {
+            WorkingSetPlan::Off => (Vec::new(), None, None),
+            WorkingSetPlan::Load { set } => (set.blocks, None, None),
+            WorkingSetPlan::Record { window, dir } => (Vec::new(), Some((window, dir)), None),
+            WorkingSetPlan::Preloaded { set, took } => (Vec::new(), None, Some((set.blocks, took))),
         };
+        let state: Vec<AtomicU8> = (0..count).map(|_| AtomicU8::new(MISSING)).collect();
+        let mut data_missing = data_missing;
         let mut in_set = vec![false; count];
         for &b in &set {
             if let Some(slot) = in_set.get_mut(b) {
@@ -396,7 +405,21 @@ impl LazyMemory {
             }
         }
         let stats = LoaderStats::default();
-        if record.is_some() {
+        if let Some((blocks, took)) = &preloaded {
+            let mut in_place = 0;
+            for &b in blocks {
+                if b < count && state[b].swap(LOADED, Ordering::Relaxed) != LOADED {
+                    in_place += 1;
+                    if infos[b].kind != BlockKind::Zero {
+                        data_missing -= 1;
+                    }
+                }
+            }
+            stats.set_working_set(WorkingSetState::Loaded);
+            stats.working_set_blocks.store(in_place, Ordering::Relaxed);
+            stats.blocks_working_set.store(in_place, Ordering::Relaxed);
+            stats.working_set_ms.store((took.as_millis() as u64).max(1), Ordering::Relaxed);
+        } else if record.is_some() {
             stats.set_working_set(WorkingSetState::Recording);
         } else if !set.is_empty() {
             stats.set_working_set(WorkingSetState::Loading);
@@ -407,7 +430,7 @@ impl LazyMemory {
             regions,
             reader,
             infos,
-            state: (0..count).map(|_| AtomicU8::new(MISSING)).collect(),
+            state,
             data_missing: AtomicUsize::new(data_missing),
             released: AtomicBool::new(false),
             prefetch: AtomicBool::new(options.prefetch),
@@ -988,6 +1011,160 @@ impl FaultThread {
     }
 }
 
+/// A run of neighbouring working set blocks for [`preload`].
+struct PreloadRun {
+    host: usize,
+    len: usize,
+    /// Zero blocks only, else data blocks only.
+    zero: bool,
+    blocks: std::ops::Range<usize>,
+}
+
+/// Loads the blocks of `set` straight into guest memory that is not
+/// registered with userfaultfd yet, in parallel, and returns how long it
+/// took. Nothing else may touch `mem` meanwhile: no vCPU runs and no
+/// device is attached yet.
+///
+/// This is the working set loaded "before" the vCPUs start, at a lower
+/// cost than through the loader: each block is decompressed straight into
+/// guest memory, so there is no buffer and no `UFFDIO_COPY` (whose copy,
+/// page by page in the kernel, costs as much as the decompression); the
+/// pages are first allocated in one `MADV_POPULATE_WRITE` per run of
+/// blocks rather than one page fault each. Zero blocks get the kernel's
+/// shared zero page (`MADV_POPULATE_READ`), so they fault neither into
+/// the handler nor into a fresh page until the guest writes them. Once
+/// the memory is registered, these pages are present: the guest never
+/// faults on them. Blocks outside the checkpoint are skipped; a block
+/// that cannot be read fails the restore, naming it.
+pub fn preload(mem: &GuestMemoryMmap, reader: &Reader, set: &WorkingSet) -> Result<Duration, UffdError> {
+    let began = Instant::now();
+    let mut blocks: Vec<usize> = set.blocks.iter().copied().filter(|&b| b < reader.block_count()).collect();
+    blocks.sort_unstable();
+    blocks.dedup();
+    let mut infos = Vec::with_capacity(blocks.len());
+    for &b in &blocks {
+        let info = reader.block_info(b).ok_or(UffdError::Layout { gpa: 0 })?;
+        // The whole block must lie in one region of guest memory.
+        let slice = mem
+            .get_slice(vm_memory::GuestAddress(info.guest_addr), info.len)
+            .map_err(|_| UffdError::Layout { gpa: info.guest_addr })?;
+        infos.push((info, slice.ptr_guard_mut().as_ptr() as usize));
+    }
+    let mut runs: Vec<PreloadRun> = Vec::new();
+    for (i, (info, host)) in infos.iter().enumerate() {
+        let zero = info.kind == BlockKind::Zero;
+        if let Some(run) = runs.last_mut() {
+            let (last, _) = &infos[run.blocks.end - 1];
+            if run.zero == zero
+                && run.blocks.len() < RUN_BLOCKS
+                && last.index + 1 == info.index
+                && last.guest_addr + last.len as u64 == info.guest_addr
+                && run.host + run.len == *host
+            {
+                run.len += info.len;
+                run.blocks.end = i + 1;
+                continue;
+            }
+        }
+        runs.push(PreloadRun { host: *host, len: info.len, zero, blocks: i..i + 1 });
+    }
+    // No transparent huge pages while populating: a write (or populate)
+    // of one page could otherwise bring in a whole zeroed 2 MiB page,
+    // whose other pages, present once memory is registered, would never
+    // fault and so never get their data. `allow_huge_pages` undoes this
+    // once memory is registered.
+    for region in mem.iter() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|_| UffdError::Layout { gpa: region.start_addr().0 })?;
+        // SAFETY: the range is one region of guest memory; the advice
+        // changes no content.
+        if unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_NOHUGEPAGE) } != 0 {
+            return Err(UffdError::Load(format!(
+                "cannot turn transparent huge pages off for guest memory at {:#x}: {}",
+                region.start_addr().0,
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let failure: Mutex<Option<String>> = Mutex::new(None);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_LOADER_THREADS);
+    let work = || {
+        while !failed.load(Ordering::Relaxed) {
+            let Some(run) = runs.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
+            let advice = if run.zero { MADV_POPULATE_READ } else { MADV_POPULATE_WRITE };
+            // SAFETY: the range is guest memory, mapped for the life of the
+            // process; populating it changes no content. A kernel without
+            // the advice (before 5.14) refuses it, and the pages then come
+            // in on first touch below.
+            unsafe { libc::madvise(run.host as *mut libc::c_void, run.len, advice) };
+            if run.zero {
+                continue;
+            }
+            for (info, host) in &infos[run.blocks.clone()] {
+                // SAFETY: `host..host + info.len` is this block's part of
+                // guest memory (checked above), which no other thread
+                // touches until the preload is done: each block is in one
+                // run, each run taken by one thread, no vCPU runs yet.
+                let dst = unsafe { std::slice::from_raw_parts_mut(*host as *mut u8, info.len) };
+                if let Err(e) = reader.read_block(info.index, dst) {
+                    failed.store(true, Ordering::Relaxed);
+                    failure.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(format!(
+                        "cannot load memory block {} (guest address {:#x}) from the checkpoint: {}",
+                        info.index,
+                        info.guest_addr,
+                        error_chain(&e)
+                    ));
+                    return;
+                }
+            }
+        }
+    };
+    std::thread::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(work);
+        }
+        work();
+    });
+    if let Some(msg) = failure.into_inner().unwrap_or_else(PoisonError::into_inner) {
+        return Err(UffdError::Load(msg));
+    }
+    let took = began.elapsed();
+    log::info!(
+        "working set of {} blocks ({} runs) loaded into guest memory in {} ms, before registering it",
+        blocks.len(),
+        runs.len(),
+        took.as_millis()
+    );
+    Ok(took)
+}
+
+/// Gives guest memory that [`preload`] loaded into back to the system's
+/// transparent huge page policy, once it is registered with userfaultfd
+/// (missing pages then fault into the handler, huge or not). Only where
+/// the policy is `always`: `madvise` and `never` are what memory without
+/// advice gets anyway. A failure only costs huge pages, so it is logged.
+pub fn allow_huge_pages(mem: &GuestMemoryMmap) {
+    let policy = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if !policy.contains("[always]") {
+        return;
+    }
+    for region in mem.iter() {
+        let Ok(host) = mem.get_host_address(region.start_addr()) else { continue };
+        // SAFETY: as in `preload`.
+        if unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) } != 0 {
+            log::debug!("guest memory keeps small pages: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
+/// `madvise` advice of Linux 5.14: fault the range in, writable.
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+/// `madvise` advice of Linux 5.14: fault the range in, readable.
+const MADV_POPULATE_READ: libc::c_int = 22;
+
 /// Loads every block of `reader` into `mem` before the VM runs (eager
 /// restore), reading storage blocks in parallel. Zero blocks are skipped:
 /// fresh guest memory is zero already.
@@ -1133,6 +1310,66 @@ mod tests {
         assert_eq!(read(&mem, BLOCK, BLOCK), image[BLOCK..2 * BLOCK]);
         assert_eq!(lazy.stats().faults, 1);
         assert!(failed.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_preloaded_working_set_is_in_place_and_the_rest_still_faults_in_even_with_huge_pages() {
+        // 4 MiB of data in every page, in 2 MiB-aligned memory that asks
+        // for transparent huge pages: a preload that let the kernel map a
+        // whole huge page for one block would leave the rest of it zero
+        // and present, never faulting.
+        const SIZE: usize = 4 << 20;
+        let image: Vec<u8> = (0..SIZE).map(|i| (i / 4096 * 31 + i % 4096 / 7) as u8 | 1).collect();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("mem.ckpt");
+        let options_w = WriterOptions { memory_block_size: BLOCK as u32, storage_block_size: 4 * BLOCK as u32, level: 1, threads: 1, parent_index_crc: None };
+        write_checkpoint(&path, &ImageSource::new(vec![(0, &image[..])]), &options_w, &mut |_, _| {}).expect("writes");
+        let reader = Reader::open(&path).expect("opens");
+        let mem = crate::vstate::memory::create_guest_memory(SIZE as u64).expect("guest memory");
+        let host = mem.get_host_address(GuestAddress(0)).expect("host address");
+        // SAFETY: the whole of the test's guest memory; advice only.
+        unsafe { libc::madvise(host.cast(), SIZE, libc::MADV_HUGEPAGE) };
+        let set = WorkingSet { blocks: vec![130, 3, 4, 5, 200, 9999], window_ms: 1 };
+        let took = preload(&mem, &reader, &set).expect("preloads");
+        let options = LazyOptions { prefetch: false, working_set: WorkingSetPlan::Preloaded { set, took } };
+        let (failures, failed) = channel::<MemoryFailure>();
+        let lazy = LazyMemory::start(&mem, Arc::new(reader), options, failures).expect("userfaultfd (run as root)");
+        allow_huge_pages(&mem);
+        let report = lazy.stats();
+        assert_eq!(report.working_set.state, WorkingSetState::Loaded, "{report:?}");
+        // Block 9999 is not in the checkpoint: skipped.
+        assert_eq!((report.working_set.blocks, report.blocks_working_set), (5, 5), "{report:?}");
+        // In place without a fault.
+        assert_eq!(read(&mem, 3 * BLOCK, 3 * BLOCK), image[3 * BLOCK..6 * BLOCK]);
+        assert_eq!(read(&mem, 130 * BLOCK, BLOCK), image[130 * BLOCK..131 * BLOCK]);
+        assert_eq!(lazy.stats().faults, 0, "{:?}", lazy.stats());
+        // Every other page, neighbours of the preloaded blocks first, holds
+        // the checkpoint's data, brought in by faults.
+        assert_eq!(read(&mem, 6 * BLOCK, BLOCK), image[6 * BLOCK..7 * BLOCK]);
+        let all = read(&mem, 0, SIZE);
+        let wrong = all.iter().zip(&image).position(|(a, b)| a != b);
+        assert_eq!(wrong, None, "guest memory differs from the checkpoint from this offset on");
+        assert!(lazy.stats().faults > 0);
+        assert!(failed.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_preload_of_a_damaged_block_fails_naming_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("mem.ckpt");
+        let options_w = WriterOptions { memory_block_size: BLOCK as u32, storage_block_size: 4 * BLOCK as u32, level: 1, threads: 1, parent_index_crc: None };
+        write_checkpoint(&path, &ImageSource::new(vec![(0, &image()[..])]), &options_w, &mut |_, _| {}).expect("writes");
+        // Flip a byte of block 41's stored data.
+        let info = Reader::open(&path).expect("opens").block_info(41).expect("block 41");
+        assert_ne!(info.kind, BlockKind::Zero);
+        let mut bytes = std::fs::read(&path).expect("reads");
+        bytes[info.file_offset as usize + 2] ^= 0xff;
+        std::fs::write(&path, &bytes).expect("writes");
+        let reader = Reader::open(&path).expect("still opens: the index is intact");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory");
+        let set = WorkingSet { blocks: vec![1, 41], window_ms: 1 };
+        let err = preload(&mem, &reader, &set).expect_err("a damaged block fails the preload");
+        assert!(err.to_string().contains("memory block 41"), "{err}");
     }
 
     #[test]
