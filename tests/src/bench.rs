@@ -421,6 +421,11 @@ pub fn marker_value(text: &str, from: usize, marker: &str) -> Option<String> {
     let prefix = format!("{marker}=");
     complete_lines(text.get(from..).unwrap_or("")).find_map(|line| {
         let start = line.find(&prefix)?;
+        // The console's echo of the typed command, even when other output
+        // (a ticker's line) splits it before its `$`.
+        if line[..start].contains("echo ") {
+            return None;
+        }
         let value = line[start + prefix.len()..].trim();
         let value = value.split_whitespace().next()?;
         (!line.contains('$')).then(|| value.to_string())
@@ -736,5 +741,23 @@ impl Qmp {
             return Err(format!("QEMU exited with {status} after quit: {}", last_chars(&output, 300)));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::marker_value;
+
+    #[test]
+    fn marker_values_skip_the_typed_command_even_when_a_ticker_splits_its_echo() {
+        let sum = "a".repeat(64);
+        // The echo of `echo SHA=$(sha256sum /tmp/blob)` cut by a ticker's
+        // line before its `$`, then the answer.
+        let text = format!("echo SHA=TICK=7\n$(sha256sum /tmp/blob)\nSHA={sum}  /tmp/blob\n");
+        assert_eq!(marker_value(&text, 0, "SHA"), Some(sum));
+        let text = "echo PONG=$((1+1))\nPONG=2\n";
+        assert_eq!(marker_value(text, 0, "PONG").as_deref(), Some("2"));
+        // Only complete lines count.
+        assert_eq!(marker_value("PONG=2", 0, "PONG"), None);
     }
 }
