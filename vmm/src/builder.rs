@@ -528,34 +528,37 @@ pub fn build_microvm_from_snapshot(
     // A working set loaded before the vCPUs start goes straight into guest
     // memory while KVM is set up beside it, before the memory is
     // registered with userfaultfd (uffd::preload).
+    let (preload_set, plan) = match (memory, plan) {
+        (MemoryMode::Lazy { working_set_before: true, .. }, WorkingSetPlan::Load { set }) => (Some(set), None),
+        (_, plan) => (None, Some(plan)),
+    };
     let (kvm, vm, plan) = std::thread::scope(|s| -> Result<_, BuildError> {
-        let preloading = match (memory, plan) {
-            (MemoryMode::Lazy { working_set_before: true, .. }, WorkingSetPlan::Load { set }) => {
-                let (mem, reader) = (&mem, &reader);
-                let thread = std::thread::Builder::new()
+        let (mem, reader) = (&mem, &reader);
+        let preload = preload_set
+            .map(|set| {
+                std::thread::Builder::new()
                     .name("ws-preload".into())
                     .spawn_scoped(s, move || uffd::preload(mem, reader, &set).map(|took| (set, took)))
-                    .map_err(UffdError::Spawn)?;
-                Err(thread)
-            }
-            (_, plan) => Ok(plan),
-        };
+            })
+            .transpose()
+            .map_err(UffdError::Spawn)?;
         let kvm_setup = (|| -> Result<_, BuildError> {
             let kvm = vm::open_kvm(&vm::kvm_path())?;
             vm::check_vcpu_limit(&kvm, state.machine.vcpus)?;
             vcpu::check_xsave_size(&kvm)?;
             let vm = vm::create_vm(&kvm)?;
-            vm::register_memory(&vm, &mem, false)?;
+            vm::register_memory(&vm, mem, false)?;
             Ok((kvm, vm))
         })();
-        let plan = match preloading {
-            Ok(plan) => plan,
-            Err(thread) => {
+        // Joined before any error returns: the preload writes guest memory.
+        let plan = match (preload, plan) {
+            (Some(thread), _) => {
                 let (set, took) = thread
                     .join()
                     .map_err(|_| UffdError::Load("the working set's preload thread panicked".into()))??;
                 WorkingSetPlan::Preloaded { set, took }
             }
+            (None, plan) => plan.unwrap_or(WorkingSetPlan::Off),
         };
         let (kvm, vm) = kvm_setup?;
         Ok((kvm, vm, plan))
