@@ -388,7 +388,7 @@ impl LazyMemory {
             }
             infos.push(info);
         }
-        let data_missing = infos.iter().filter(|info| info.kind != BlockKind::Zero).count();
+        let mut data_missing = infos.iter().filter(|info| info.kind != BlockKind::Zero).count();
         let count = infos.len();
         let (set, record, preloaded) = match options.working_set {
             WorkingSetPlan::Off => (Vec::new(), None, None),
@@ -397,7 +397,6 @@ impl LazyMemory {
             WorkingSetPlan::Preloaded { set, took } => (Vec::new(), None, Some((set.blocks, took))),
         };
         let state: Vec<AtomicU8> = (0..count).map(|_| AtomicU8::new(MISSING)).collect();
-        let mut data_missing = data_missing;
         let mut in_set = vec![false; count];
         for &b in &set {
             if let Some(slot) = in_set.get_mut(b) {
