@@ -170,6 +170,16 @@ pub enum ApiRequest {
         /// `then: exit`); otherwise the guest runs on while it is written.
         stop_the_world: bool,
     },
+    /// Back the VM up into the backup store `to` (`docs/backups.md`).
+    Backup {
+        /// The store (an absolute path).
+        to: PathBuf,
+        /// Copy everything, not only what changed since the latest backup.
+        full: bool,
+        /// The VM's state directory, for its retired record (an absolute
+        /// path); `None`: the default one.
+        state_dir: Option<PathBuf>,
+    },
     /// Grant content IDs to the VM (`docs/content.md`).
     Grant {
         /// The IDs.
@@ -627,7 +637,7 @@ fn handle_line<T: From<ApiCall>>(line: &[u8], shared: &Shared, calls: &Sender<T>
         return Err("the VMM is shutting down".to_owned());
     }
     let _snapshot = match request {
-        ApiRequest::Snapshot { .. } => {
+        ApiRequest::Snapshot { .. } | ApiRequest::Backup { .. } => {
             Some(SnapshotGuard::acquire(&shared.snapshot_busy).ok_or_else(|| SNAPSHOT_BUSY.to_owned())?)
         }
         _ => None,
@@ -728,6 +738,26 @@ fn parse_request(line: &[u8]) -> Result<ApiRequest, String> {
             };
             ApiRequest::Snapshot { out, then, parent, stop_the_world }
         }
+        "backup" => {
+            let to = match fields.remove("to") {
+                Some(Value::String(to)) if Path::new(&to).is_absolute() => PathBuf::from(to),
+                Some(Value::String(to)) => return Err(format!(r#"the "to" store must be an absolute path, not {to:?}"#)),
+                Some(_) => return Err(r#"the "to" field must be a string naming a backup store"#.to_owned()),
+                None => return Err(r#"a backup request needs a "to" field naming the backup store"#.to_owned()),
+            };
+            let full = match fields.remove("full") {
+                None => false,
+                Some(Value::Bool(b)) => b,
+                Some(_) => return Err(r#"the "full" field must be true or false"#.to_owned()),
+            };
+            let state_dir = match fields.remove("state_dir") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(d)) if Path::new(&d).is_absolute() => Some(PathBuf::from(d)),
+                Some(Value::String(d)) => return Err(format!(r#"the "state_dir" directory must be an absolute path, not {d:?}"#)),
+                Some(_) => return Err(r#"the "state_dir" field must be a string naming a directory"#.to_owned()),
+            };
+            ApiRequest::Backup { to, full, state_dir }
+        }
         "grant" => {
             let ids = parse_ids(&mut fields, "grant")?;
             let uses = optional_count(&mut fields, "uses")?;
@@ -741,7 +771,7 @@ fn parse_request(line: &[u8]) -> Result<ApiRequest, String> {
         "grants" => ApiRequest::Grants,
         other => {
             return Err(format!(
-                "unknown op {other:?}: expected pause, resume, status, snapshot, grant, revoke or grants"
+                "unknown op {other:?}: expected pause, resume, status, snapshot, backup, grant, revoke or grants"
             ))
         }
     };
@@ -794,6 +824,16 @@ fn request_json(request: &ApiRequest) -> Result<Value, ApiError> {
                 fields.insert("stop_the_world".to_owned(), Value::Bool(true));
             }
             "snapshot"
+        }
+        ApiRequest::Backup { to, full, state_dir } => {
+            fields.insert("to".to_owned(), Value::String(absolute_utf8(to)?));
+            if *full {
+                fields.insert("full".to_owned(), Value::Bool(true));
+            }
+            if let Some(dir) = state_dir {
+                fields.insert("state_dir".to_owned(), Value::String(absolute_utf8(dir)?));
+            }
+            "backup"
         }
         ApiRequest::Grant { ids, uses, expires_s } => {
             fields.insert("ids".to_owned(), ids.iter().map(|id| Value::String(id.to_string())).collect());
@@ -920,6 +960,7 @@ mod tests {
             ApiRequest::Resume => "resume",
             ApiRequest::Status => "status",
             ApiRequest::Snapshot { .. } => "snapshot",
+            ApiRequest::Backup { .. } => "backup",
             ApiRequest::Grant { .. } => "grant",
             ApiRequest::Revoke { .. } => "revoke",
             ApiRequest::Grants => "grants",
@@ -1181,7 +1222,7 @@ mod tests {
         let (server, vmm) = echo_server(&dir);
         let mut client = RawClient::connect(server.path());
         let reply = client.ask(r#"{"op":"reboot"}"#);
-        assert_eq!(error_of(&reply), r#"unknown op "reboot": expected pause, resume, status, snapshot, grant, revoke or grants"#);
+        assert_eq!(error_of(&reply), r#"unknown op "reboot": expected pause, resume, status, snapshot, backup, grant, revoke or grants"#);
         drop(client);
         assert!(stop(server, vmm).is_empty());
     }

@@ -219,8 +219,9 @@ fn open_devices(config: &VmConfig) -> Result<(Vec<PendingDevice>, Option<Arc<Con
     let mut pending = Vec::new();
     for (index, disk) in config.disks.iter().enumerate() {
         let image = DiskImage::open(&disk.path, disk.read_only)?;
-        let backend = block_backend(&image)?;
+        let file = second_handle(&image)?;
         let block = Block::new(image, format!("stasis-disk{index}"));
+        let backend = block_backend(&block, file);
         pending.push(PendingDevice { device: Box::new(block), backend, name: format!("virtio-blk{index}"), saved: None });
     }
     let (content, services) = start_content(config.content.as_ref())?;
@@ -245,9 +246,20 @@ fn open_devices(config: &VmConfig) -> Result<(Vec<PendingDevice>, Option<Arc<Con
 }
 
 /// A second handle on a disk image, for copying it into snapshots.
-fn block_backend(image: &DiskImage) -> Result<SlotBackend, BuildError> {
-    let file = image.file().try_clone().map_err(|e| BuildError::CopyDisk(image.path().into(), image.path().into(), e))?;
-    Ok(SlotBackend::Block { file, path: absolute(image.path()), read_only: image.read_only() })
+fn second_handle(image: &DiskImage) -> Result<File, BuildError> {
+    image.file().try_clone().map_err(|e| BuildError::CopyDisk(image.path().into(), image.path().into(), e))
+}
+
+/// What snapshots and backups need of a disk device: a second handle on its
+/// image and its changed blocks.
+fn block_backend(block: &Block, file: File) -> SlotBackend {
+    let image = block.image();
+    SlotBackend::Block {
+        file,
+        path: absolute(image.path()),
+        read_only: image.read_only(),
+        changed: Arc::clone(block.changed()),
+    }
 }
 
 /// `path` made absolute against the current directory (as given if that
@@ -382,6 +394,7 @@ pub fn build_microvm_for_boot(config: &VmConfig) -> Result<Vmm, BuildError> {
         vm_id: persist::new_id(),
         latest: None,
         pending: None,
+        backup_tracking: None,
     })
 }
 
@@ -430,14 +443,21 @@ fn reopen_devices(
                             None => working.insert(WorkingDisks::create(keep.as_deref(), dir).map_err(|(p, e)| BuildError::DiskDir(p, e))?),
                         };
                         let target = work.dir().join(format!("disk{disk}.img"));
-                        let src = File::open(&source).map_err(|e| BuildError::CopyDisk(source.clone(), target.clone(), e))?;
-                        copy_sparse(&src, &target).map_err(|e| BuildError::CopyDisk(source.clone(), target.clone(), e))?;
+                        if file.ends_with(".ckpt") {
+                            // A backup's disk: a checkpoint layered on the
+                            // backups before it.
+                            rebuild_disk(dir, snapshot, file, &target)?;
+                        } else {
+                            let src = File::open(&source).map_err(|e| BuildError::CopyDisk(source.clone(), target.clone(), e))?;
+                            copy_sparse(&src, &target).map_err(|e| BuildError::CopyDisk(source.clone(), target.clone(), e))?;
+                        }
                         target
                     }
                 };
                 let image = DiskImage::open(&path, *read_only)?;
-                let backend = block_backend(&image)?;
+                let file = second_handle(&image)?;
                 let block = Block::from_state(image, state).map_err(|e| BuildError::Block(path.display().to_string(), e))?;
+                let backend = block_backend(&block, file);
                 (Box::new(block), backend, format!("virtio-blk{disk}"))
             }
             (VirtioBackend::Vsock { .. } | VirtioBackend::VsockWithoutSocket, DeviceState::Vsock(state)) => {
@@ -459,6 +479,22 @@ fn reopen_devices(
         w.announce();
     }
     Ok((pending, working, content))
+}
+
+/// Writes a backup's disk `file` (a disk checkpoint, layered on the same
+/// file of the backups the chain of `dir` builds on) into a new image at
+/// `target`.
+fn rebuild_disk(dir: &Path, snapshot: &persist::SnapshotDir, file: &str, target: &Path) -> Result<(), BuildError> {
+    let chain = persist::snapshot_chain(dir, &snapshot.manifest, &snapshot.memory_path)?;
+    let mut paths = Vec::with_capacity(chain.len());
+    for layer in &chain {
+        paths.push(snapshot.file(&layer.dir, file)?);
+    }
+    let fail = |msg: String| BuildError::CopyDisk(paths[0].clone(), target.to_path_buf(), std::io::Error::other(msg));
+    let reader = Reader::open_chain(&paths, ReaderOptions::default()).map_err(|e| fail(error_chain(&e)))?;
+    let written = crate::backup::disk::rebuild(&reader, target).map_err(fail)?;
+    log::info!("rebuilt disk {} from {} backup layer(s): {written} bytes of data", target.display(), paths.len());
+    Ok(())
 }
 
 /// Rebuilds a microVM from the snapshot in `dir`, with its vCPUs, in-kernel
@@ -647,6 +683,7 @@ pub fn build_microvm_from_snapshot(
         vm_id,
         latest: Some(latest),
         pending: None,
+        backup_tracking: None,
     })
 }
 

@@ -3,6 +3,7 @@
 
 pub mod acpi;
 pub mod api;
+pub mod backup;
 pub mod boot;
 pub mod builder;
 pub mod checkpoint;

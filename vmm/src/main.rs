@@ -38,6 +38,9 @@ enum Command {
     Snapshot(SnapshotCmd),
     /// Show a running VM's state.
     Status(SockArgs),
+    /// Back a running VM up into a backup store (the first backup full,
+    /// each next one what changed since), or work on backup stores.
+    Backup(BackupCmd),
     /// Content for guests: a store of files by ID, and what a VM may fetch.
     Content {
         #[command(subcommand)]
@@ -317,6 +320,48 @@ struct SnapshotArgs {
     stop_the_world: bool,
 }
 
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct BackupCmd {
+    #[command(subcommand)]
+    command: Option<BackupSub>,
+    #[command(flatten)]
+    take: BackupArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum BackupSub {
+    /// List a store's backups.
+    List {
+        /// The backup store.
+        store: PathBuf,
+    },
+    /// Check every backup of a store: chain links and every block's checksum.
+    Verify {
+        /// The backup store.
+        store: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct BackupArgs {
+    /// The VM's control socket.
+    #[arg(long, value_name = "PATH", required = true)]
+    api_sock: Option<PathBuf>,
+    /// The backup store (created if missing or empty).
+    #[arg(long, value_name = "STORE", required = true)]
+    to: Option<PathBuf>,
+    /// Copy everything, not only what changed since the store's latest
+    /// backup.
+    #[arg(long)]
+    full: bool,
+    /// The VM's state directory, where the retired record of its latest
+    /// backup is kept (default: $STASIS_STATE_DIR/VM_ID, else
+    /// $XDG_STATE_HOME/stasis/vms/VM_ID, else ~/.local/state/stasis/vms/VM_ID).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
 /// Errors of the command line itself.
 #[derive(Debug, thiserror::Error)]
 enum CliError {
@@ -509,6 +554,19 @@ fn main() -> ExitCode {
                 _ => Err("stasis snapshot needs --api-sock and --out".into()),
             }
         }
+        Command::Backup(BackupCmd { command: Some(sub), .. }) => {
+            let mut out = std::io::stdout();
+            match sub {
+                BackupSub::List { store } => stasis::backup::list(&store, &mut out),
+                BackupSub::Verify { store } => stasis::backup::verify(&store, &mut out),
+            }
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(Into::into)
+        }
+        Command::Backup(BackupCmd { command: None, take }) => match (take.api_sock, take.to) {
+            (Some(sock), Some(to)) => control(sock, ApiRequest::Backup { to, full: take.full, state_dir: take.state_dir }),
+            _ => Err("stasis backup needs --api-sock and --to".into()),
+        },
         Command::Content { command } => content(command),
         Command::Checkpoint { command } => stasis::checkpoint::cli::run(command)
             .map(|()| ExitCode::SUCCESS)

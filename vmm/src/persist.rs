@@ -386,6 +386,11 @@ impl SnapshotWriter {
         self.partial.join(MEMORY_FILE)
     }
 
+    /// Where a file named `name` of the snapshot goes.
+    pub fn file_path(&self, name: &str) -> PathBuf {
+        self.partial.join(name)
+    }
+
     /// The name and path of disk `index`'s copy.
     pub fn disk_path(&self, index: usize) -> (String, PathBuf) {
         let name = format!("disk{index}.img");

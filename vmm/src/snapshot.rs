@@ -84,11 +84,53 @@ pub(crate) struct VmMemory {
     not_resident: Option<NotResident>,
     /// For an incremental snapshot: pages changed since the parent.
     changed: Option<DirtyPages>,
+    /// For a backup whose tracking was lost: the CRC-32C of every block of
+    /// the previous backup (its retired record), and the first block of
+    /// each region; a block with the same CRC is in the parent.
+    retired: Option<(Vec<u32>, Vec<usize>, u64)>,
 }
 
 impl VmMemory {
     pub(crate) fn new(mem: GuestMemoryMmap, not_resident: Option<NotResident>, changed: Option<DirtyPages>) -> Self {
-        VmMemory { mem, touched: None, not_resident, changed }
+        VmMemory { mem, touched: None, not_resident, changed, retired: None }
+    }
+
+    /// Compares every block with `crcs` (one per block of `block_size`, as
+    /// a retired record lists them) instead of knowing what changed.
+    pub(crate) fn compare_with(&mut self, crcs: Vec<u32>, block_size: u64) {
+        let mut first = Vec::new();
+        let mut next = 0;
+        for region in self.mem.iter() {
+            first.push(next);
+            next += region.len().div_ceil(block_size) as usize;
+        }
+        self.retired = Some((crcs, first, block_size));
+    }
+
+    /// Whether block `offset .. offset + len` of `region` has the CRC the
+    /// retired record lists for it.
+    fn same_as_retired(&self, region: usize, offset: u64, len: usize) -> bool {
+        let Some((crcs, first, block_size)) = &self.retired else { return false };
+        let Some(start) = first.get(region) else { return false };
+        let index = start + (offset / block_size) as usize;
+        let Some(&want) = crcs.get(index) else { return false };
+        let never_touched = matches!(&self.touched, Some(t) if !t.any(region, offset, len)) && self.not_loaded_in(region, offset, len).is_none();
+        let crc = if never_touched {
+            crate::backup::disk::zero_crc(len)
+        } else {
+            let mut scratch = Vec::new();
+            match self.block(region, offset, len, &mut scratch) {
+                Ok(bytes) => crc32c::crc32c(bytes),
+                Err(_) => return false,
+            }
+        };
+        crc == want
+    }
+
+    /// `Some` when part of the block is still only in the restore checkpoint.
+    fn not_loaded_in(&self, region: usize, offset: u64, len: usize) -> Option<usize> {
+        let start = self.region_start(region)?;
+        self.not_loaded(start + offset, len).next()
     }
 
     /// Reads which pages of guest memory were ever populated, from
@@ -161,6 +203,9 @@ impl MemorySource for VmMemory {
                 return BlockHint::Parent;
             }
         }
+        if self.same_as_retired(region, offset, len) {
+            return BlockHint::Parent;
+        }
         let Some(start) = self.region_start(region) else { return BlockHint::Read };
         if self.not_loaded(start + offset, len).next().is_some() {
             return BlockHint::Read;
@@ -215,16 +260,31 @@ impl MemorySource for VmMemory {
     }
 }
 
+/// What a snapshot's writer wrote: memory, and a backup's disks.
+#[derive(Clone, Debug, Default)]
+pub struct Written {
+    /// The memory checkpoint's figures.
+    pub memory: WriteStats,
+    /// Each disk checkpoint's figures (backups only).
+    pub disks: Vec<WriteStats>,
+}
+
 /// A memory write running in a child process.
 pub(crate) struct ChildWriter {
     pid: libc::pid_t,
     result: OwnedFd,
 }
 
-/// Forks a child that writes `source` to `path` as a checkpoint and exits.
-/// Call it with the vCPUs paused and the device threads held: the child
-/// sees memory as it is at this instant.
-pub(crate) fn fork_writer(path: PathBuf, mut source: VmMemory, options: WriterOptions) -> std::io::Result<ChildWriter> {
+/// Forks a child that writes `source` to `path` as a checkpoint, then each
+/// of a backup's `disks` ([`crate::backup::disk`]), and exits. Call it with
+/// the vCPUs paused and the device threads held: the child sees memory as
+/// it is at this instant.
+pub(crate) fn fork_writer(
+    path: PathBuf,
+    mut source: VmMemory,
+    options: WriterOptions,
+    disks: Vec<crate::backup::disk::DiskJob>,
+) -> std::io::Result<ChildWriter> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: pipe2 fills the two-element array on success.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -251,10 +311,19 @@ pub(crate) fn fork_writer(path: PathBuf, mut source: VmMemory, options: WriterOp
             }
         }
         log::set_max_level(log::LevelFilter::Off);
-        let line = match source.scan_touched().map_err(|e| format!("cannot read /proc/self/pagemap: {e}")).and_then(|()| {
-            checkpoint::write_checkpoint(&path, &source, &options, &mut |_, _| {}).map_err(|e| error_chain(&e))
-        }) {
-            Ok(stats) => serde_json::json!({ "ok": stats_to_json(&stats) }),
+        let written = source
+            .scan_touched()
+            .map_err(|e| format!("cannot read /proc/self/pagemap: {e}"))
+            .and_then(|()| checkpoint::write_checkpoint(&path, &source, &options, &mut |_, _| {}).map_err(|e| error_chain(&e)))
+            .and_then(|memory| {
+                let disks = disks.iter().map(crate::backup::disk::write_job).collect::<Result<Vec<_>, _>>()?;
+                Ok((memory, disks))
+            });
+        let line = match written {
+            Ok((memory, disks)) => serde_json::json!({
+                "ok": stats_to_json(&memory),
+                "disks": disks.iter().map(stats_to_json).collect::<Vec<_>>(),
+            }),
             Err(msg) => serde_json::json!({ "error": msg }),
         };
         let mut out = File::from(write_end);
@@ -274,7 +343,7 @@ impl ChildWriter {
     }
 
     /// Waits for the child to end; its figures, or why it failed.
-    pub(crate) fn wait(self) -> Result<WriteStats, String> {
+    pub(crate) fn wait(self) -> Result<Written, String> {
         let mut text = String::new();
         let read = File::from(self.result).read_to_string(&mut text);
         let mut status = 0;
@@ -299,7 +368,13 @@ impl ChildWriter {
         if let Some(msg) = value.get("error").and_then(|m| m.as_str()) {
             return Err(msg.to_owned());
         }
-        value.get("ok").and_then(stats_from_json).ok_or_else(|| format!("the memory writer process {} {how} with a garbled result", self.pid))
+        let garbled = || format!("the memory writer process {} {how} with a garbled result", self.pid);
+        let memory = value.get("ok").and_then(stats_from_json).ok_or_else(garbled)?;
+        let disks = match value.get("disks").and_then(|d| d.as_array()) {
+            Some(list) => list.iter().map(stats_from_json).collect::<Option<Vec<_>>>().ok_or_else(garbled)?,
+            None => Vec::new(),
+        };
+        Ok(Written { memory, disks })
     }
 }
 
@@ -468,10 +543,10 @@ mod tests {
         let mem = crate::vstate::memory::create_guest_memory(4 << 20).expect("memory");
         mem.write_slice(&[7u8; 8192], GuestAddress(1 << 20)).expect("write");
         let source = VmMemory::new(mem.clone(), None, None);
-        let child = fork_writer(path.clone(), source, WriterOptions::default()).expect("fork");
+        let child = fork_writer(path.clone(), source, WriterOptions::default(), Vec::new()).expect("fork");
         // Written after the fork: the checkpoint must not see it.
         mem.write_slice(&[9u8; 8192], GuestAddress(1 << 20)).expect("write");
-        let stats = child.wait().expect("child wrote the checkpoint");
+        let stats = child.wait().expect("child wrote the checkpoint").memory;
         assert_eq!(stats.bytes_in, 4 << 20);
         let reader = Reader::open(&path).expect("opens");
         let block = reader.block_of(1 << 20).expect("block");
@@ -479,5 +554,37 @@ mod tests {
         let data = reader.read_block(block, &mut buf).expect("read");
         assert!(data[..8192].iter().all(|&b| b == 7), "the checkpoint holds memory from after the fork");
         assert_eq!(stats.zero_blocks as usize, reader.block_count() - 1, "untouched blocks are zero");
+    }
+
+    #[test]
+    fn memory_compared_with_a_retired_record_stores_only_the_blocks_that_differ() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mem = crate::vstate::memory::create_guest_memory(4 << 20).expect("memory");
+        mem.write_slice(&[7u8; 8192], GuestAddress(1 << 20)).expect("write");
+        mem.write_slice(&[5u8; 100], GuestAddress(3 << 20)).expect("write");
+        let base = dir.path().join("base.ckpt");
+        let mut source = VmMemory::new(mem.clone(), None, None);
+        source.scan_touched().expect("pagemap");
+        checkpoint::write_checkpoint(&base, &source, &WriterOptions::default(), &mut |_, _| {}).expect("base");
+        let reader = Reader::open(&base).expect("open base");
+        let crcs = crate::backup::disk::block_crcs(&reader);
+
+        // One block changes, one untouched block gets data, one goes back to zero.
+        mem.write_slice(&[8u8; 1], GuestAddress((1 << 20) + 5)).expect("write");
+        mem.write_slice(&[1u8; 1], GuestAddress(2 << 20)).expect("write");
+        mem.write_slice(&[0u8; 100], GuestAddress(3 << 20)).expect("write");
+        let mut source = VmMemory::new(mem.clone(), None, None);
+        source.scan_touched().expect("pagemap");
+        source.compare_with(crcs, 64 << 10);
+        let layer = dir.path().join("layer.ckpt");
+        let options = WriterOptions { parent_index_crc: Some(reader.index_crc()), ..WriterOptions::default() };
+        let stats = checkpoint::write_checkpoint(&layer, &source, &options, &mut |_, _| {}).expect("layer");
+        assert_eq!(stats.parent_blocks as usize, reader.block_count() - 3, "three blocks differ");
+        let chain = Reader::open_chain(&[layer, base], ReaderOptions::default()).expect("chain");
+        let mut buf = vec![0u8; 64 << 10];
+        let at = |gpa: u64, buf: &mut Vec<u8>| chain.read_block(chain.block_of(gpa).expect("block"), buf).expect("read").to_vec();
+        assert_eq!(at(1 << 20, &mut buf)[5], 8);
+        assert_eq!(at(2 << 20, &mut buf)[0], 1);
+        assert!(at(3 << 20, &mut buf).iter().all(|&b| b == 0));
     }
 }

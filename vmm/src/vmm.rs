@@ -29,7 +29,9 @@ use crate::persist::{
     self, DevicesState, Identity, MachineConfig, ParentRef, PersistError, SavedVirtioDevice, SnapshotState,
     SnapshotWriter, VirtioBackend,
 };
-use crate::snapshot::{fork_writer, ChildWriter, NotResident, VmMemory};
+use crate::backup::{BackupCapture, BackupFinish, BackupReport};
+use crate::snapshot::{fork_writer, ChildWriter, NotResident, VmMemory, Written};
+use crate::devices::virtio::block::changed::ChangedBlocks;
 use crate::vstate::dirty::{DirtyError, DirtyLog, DirtyPages};
 use crate::restore::uffd::{LazyMemory, LoaderReport, MemoryFailure, UffdError};
 use crate::terminal::{RawTerminal, TerminalError};
@@ -84,6 +86,9 @@ pub enum VmmError {
     /// Another snapshot is still being written.
     #[error("a snapshot is already in progress")]
     Busy,
+    /// A backup could not be taken.
+    #[error("{0}")]
+    Backup(String),
     /// Dirty page tracking.
     #[error(transparent)]
     Dirty(#[from] DirtyError),
@@ -111,6 +116,8 @@ pub(crate) enum SlotBackend {
         path: PathBuf,
         /// Whether the guest cannot write it.
         read_only: bool,
+        /// The blocks the guest changed, shared with the device.
+        changed: Arc<ChangedBlocks>,
     },
     /// The vsock device's host socket.
     Vsock {
@@ -212,7 +219,7 @@ pub enum VmEvent {
     /// A request on the control socket.
     Api(ApiCall),
     /// A live snapshot's memory writer ended: its figures or why it failed.
-    SnapshotWritten(Result<WriteStats, String>),
+    SnapshotWritten(Result<Written, String>),
 }
 
 impl From<ApiCall> for VmEvent {
@@ -259,6 +266,8 @@ pub struct SnapshotReport {
     pub total: Duration,
     /// The parent directory as requested, for an incremental snapshot.
     pub parent: Option<PathBuf>,
+    /// A backup's own figures.
+    pub backup: Option<BackupReport>,
 }
 
 /// The VM's latest snapshot: what an incremental snapshot builds on.
@@ -273,32 +282,38 @@ pub(crate) struct LatestSnapshot {
 }
 
 /// A snapshot whose vCPUs ran again, still to be finished.
-struct Finishing {
-    identity: Identity,
+pub(crate) struct Finishing {
+    pub(crate) identity: Identity,
     /// The parent directory as requested.
-    parent_dir: Option<PathBuf>,
-    state: SnapshotState,
+    pub(crate) parent_dir: Option<PathBuf>,
+    pub(crate) state: SnapshotState,
     /// The changed pages taken at the pause, given back if it fails.
-    taken: Option<DirtyPages>,
+    pub(crate) taken: Option<DirtyPages>,
     /// Disks copied, and data bytes copied.
-    disks: (usize, u64),
+    pub(crate) disks: (usize, u64),
     /// How long the vCPUs were paused, once they run again.
-    paused_for: Option<Duration>,
+    pub(crate) paused_for: Option<Duration>,
     /// When they were paused.
-    paused_at: Instant,
+    pub(crate) paused_at: Instant,
     /// When the request came.
-    started: Instant,
+    pub(crate) started: Instant,
     /// The memory write's outcome, once known.
-    memory: Option<Result<WriteStats, String>>,
+    pub(crate) memory: Option<Result<Written, String>>,
+    /// What a backup does once its directory is in the store.
+    pub(crate) backup: Option<BackupFinish>,
 }
 
 /// A snapshot begun: its directory, what is left to write, and the child
 /// writing memory for a live one.
-struct Begun {
-    writer: SnapshotWriter,
-    finishing: Finishing,
-    child: Option<ChildWriter>,
+pub(crate) struct Begun {
+    pub(crate) writer: SnapshotWriter,
+    pub(crate) finishing: Finishing,
+    pub(crate) child: Option<ChildWriter>,
 }
+
+/// What the pause captured: the state, the disks (count, bytes copied),
+/// and memory: being written by a child, or written.
+type Captured = (SnapshotState, (usize, u64), Option<ChildWriter>, Option<Result<Written, String>>);
 
 /// A live snapshot whose memory a child process is writing.
 pub(crate) struct PendingSnapshot {
@@ -403,6 +418,9 @@ pub struct Vmm {
     pub(crate) latest: Option<LatestSnapshot>,
     /// A live snapshot being written.
     pub(crate) pending: Option<PendingSnapshot>,
+    /// The id of the latest backup this VMM took: what its dirty tracking
+    /// and the disks' changed blocks count from.
+    pub(crate) backup_tracking: Option<String>,
 }
 
 /// Moves what is typed on stdin into the guest's console.
@@ -531,7 +549,7 @@ impl Vmm {
                     let exit = matches!(call.request, ApiRequest::Snapshot { then: AfterSnapshot::Exit, .. });
                     let live = matches!(
                         call.request,
-                        ApiRequest::Snapshot { then: AfterSnapshot::Resume, stop_the_world: false, .. }
+                        ApiRequest::Snapshot { then: AfterSnapshot::Resume, stop_the_world: false, .. } | ApiRequest::Backup { .. }
                     );
                     if live {
                         self.begin_live(call);
@@ -552,12 +570,16 @@ impl Vmm {
     /// Starts a live snapshot: answers the client at once if it cannot
     /// start, otherwise when its memory is written.
     fn begin_live(&mut self, call: ApiCall) {
-        let ApiRequest::Snapshot { out, parent, .. } = &call.request else { return };
-        match self.begin_snapshot(out, parent.as_deref(), true) {
+        let begun = match &call.request {
+            ApiRequest::Snapshot { out, parent, .. } => self.begin_snapshot(out, parent.as_deref(), true),
+            ApiRequest::Backup { to, full, state_dir } => self.begin_backup(to, *full, state_dir.as_deref()),
+            _ => return,
+        };
+        match begun {
             Ok(Begun { writer, finishing, child: Some(child) }) => {
                 log::info!(
                     "snapshot {}: guest running again after {:.1} ms; memory being written by process {}",
-                    out.display(),
+                    writer.target().display(),
                     finishing.paused_for.unwrap_or_default().as_secs_f64() * 1000.0,
                     child.pid()
                 );
@@ -583,12 +605,15 @@ impl Vmm {
 
     /// Finishes the live snapshot whose memory writer ended with `result`
     /// and answers its client.
-    fn finish_live(&mut self, result: Result<WriteStats, String>) {
+    fn finish_live(&mut self, result: Result<Written, String>) {
         let Some(mut pending) = self.pending.take() else { return };
         pending.finishing.memory = Some(result);
         let reply = self.finish_snapshot(pending.writer, pending.finishing).map_err(|e| error_chain(&e)).map(|report| {
             let mut fields = self.status_fields();
-            fields.insert("snapshot".into(), snapshot_json(&report, "live"));
+            match &report.backup {
+                Some(backup) => fields.insert("backup".into(), crate::backup::report_json(&report, backup)),
+                None => fields.insert("snapshot".into(), snapshot_json(&report, "live")),
+            };
             fields
         });
         if let Err(msg) = &reply {
@@ -654,6 +679,7 @@ impl Vmm {
                 let report = report.map_err(text)?;
                 snapshot = Some(snapshot_json(&report, "stop-the-world"));
             }
+            ApiRequest::Backup { .. } => return Err("a backup is taken live; the VMM did not start it".into()),
             ApiRequest::Grant { .. } | ApiRequest::Revoke { .. } | ApiRequest::Grants => {
                 return self.handle_content(request);
             }
@@ -793,7 +819,7 @@ impl Vmm {
             }
         };
         let changed = if identity.parent.is_some() { taken.clone() } else { None };
-        match self.capture(&writer, identity.parent.as_ref(), changed, live, was_paused, paused_at) {
+        match self.capture(&writer, identity.parent.as_ref(), changed, live, was_paused, paused_at, None) {
             Ok((state, disks, child, memory)) => Ok(Begun {
                 writer,
                 finishing: Finishing {
@@ -808,6 +834,7 @@ impl Vmm {
                     paused_at,
                     started,
                     memory,
+                    backup: None,
                 },
                 child,
             }),
@@ -824,7 +851,7 @@ impl Vmm {
 
     /// Resumes the vCPUs unless they were paused before (by the user);
     /// a failure is logged, since the caller is reporting another error.
-    fn resume_unless(&mut self, was_paused: bool) {
+    pub(crate) fn resume_unless(&mut self, was_paused: bool) {
         if !was_paused {
             if let Err(e) = self.resume() {
                 log::error!("cannot resume the guest: {}", error_chain(&e));
@@ -835,8 +862,12 @@ impl Vmm {
     /// The part of [`Self::begin_snapshot`] with the vCPUs paused: state,
     /// disks, and memory (written, or handed to a forked writer, after
     /// which the vCPUs run again unless they were paused before).
-    #[allow(clippy::type_complexity)]
-    fn capture(
+    ///
+    /// A backup (`backup`) copies out the disks' blocks it needs for its
+    /// disk checkpoints instead of whole disks, and compares memory with
+    /// its retired record when tracking was lost.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn capture(
         &mut self,
         writer: &SnapshotWriter,
         parent: Option<&ParentRef>,
@@ -844,7 +875,8 @@ impl Vmm {
         live: bool,
         was_paused: bool,
         paused_at: Instant,
-    ) -> Result<(SnapshotState, (usize, u64), Option<ChildWriter>, Option<Result<WriteStats, String>>), VmmError> {
+        mut backup: Option<&mut BackupCapture>,
+    ) -> Result<Captured, VmmError> {
         let phase = |what: &str| log::debug!("snapshot: {what} at {:.1} ms", paused_at.elapsed().as_secs_f64() * 1000.0);
         phase("dirty pages taken");
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
@@ -874,11 +906,16 @@ impl Vmm {
         for (index, (slot, transport)) in self.virtio.iter().zip(transports.iter_mut()).enumerate() {
             transport.device_mut().prepare_snapshot().map_err(|e| VmmError::FlushDevice(index, e))?;
             let backend = match &slot.backend {
-                SlotBackend::Block { file, path, read_only } => {
-                    let (name, copy) = writer.disk_path(disks);
+                SlotBackend::Block { file, path, read_only, changed } => {
+                    let (name, copied) = match backup.as_deref_mut() {
+                        Some(backup) => backup.stage_disk(writer, disks, file, changed).map_err(|e| VmmError::CopyDisk(path.clone(), e))?,
+                        None => {
+                            let (name, copy) = writer.disk_path(disks);
+                            (name, copy_sparse(file, &copy).map_err(|e| VmmError::CopyDisk(path.clone(), e))?.bytes_copied)
+                        }
+                    };
                     disks += 1;
-                    let copied = copy_sparse(file, &copy).map_err(|e| VmmError::CopyDisk(path.clone(), e))?;
-                    disk_bytes_copied += copied.bytes_copied;
+                    disk_bytes_copied += copied;
                     let original_identity = FileIdentity::of(path).map_err(|e| VmmError::CopyDisk(path.clone(), e))?;
                     VirtioBackend::Block { file: name, original: path.clone(), original_identity, read_only: *read_only }
                 }
@@ -892,10 +929,17 @@ impl Vmm {
         let vm = vm::save_vm_state(&self.vm)?;
         let state = SnapshotState { machine: self.machine.clone(), vcpus, vm, devices: self.devices.state(), virtio };
         let mut source = VmMemory::new(self.mem.clone(), not_resident, changed);
+        let mut disk_jobs = Vec::new();
+        if let Some(backup) = backup {
+            if let Some(crcs) = backup.memory_compare.take() {
+                source.compare_with(crcs, u64::from(checkpoint::writer::DEFAULT_MEMORY_BLOCK_SIZE));
+            }
+            disk_jobs = std::mem::take(&mut backup.jobs);
+        }
         let options = WriterOptions { parent_index_crc: parent.map(|p| p.index_crc), ..Default::default() };
         if live {
             phase("VM state saved");
-            let child = fork_writer(writer.memory_path(), source, options).map_err(VmmError::ForkWriter)?;
+            let child = fork_writer(writer.memory_path(), source, options, disk_jobs).map_err(VmmError::ForkWriter)?;
             phase("memory writer forked");
             drop(transports);
             if !was_paused {
@@ -911,16 +955,20 @@ impl Vmm {
         let written = checkpoint::write_checkpoint(&writer.memory_path(), &source, &options, &mut *progress);
         self.snapshot_progress = progress;
         drop(transports);
-        Ok((state, (disks, disk_bytes_copied), None, Some(written.map_err(|e| error_chain(&e)))))
+        let written = written.map(|memory| Written { memory, disks: Vec::new() }).map_err(|e| error_chain(&e));
+        Ok((state, (disks, disk_bytes_copied), None, Some(written)))
     }
 
     /// Writes the state and the manifest once memory is written, and makes
     /// the snapshot the VM's latest; on any failure gives the changed pages
     /// back, so the next snapshot still writes them.
     fn finish_snapshot(&mut self, writer: SnapshotWriter, mut finishing: Finishing) -> Result<SnapshotReport, VmmError> {
+        if finishing.backup.is_some() {
+            return self.finish_backup(writer, finishing);
+        }
         let result = (|| {
             let memory = finishing.memory.take().unwrap_or_else(|| Err("memory was not written".into()));
-            let memory = memory.map_err(VmmError::WriteMemory)?;
+            let memory = memory.map_err(VmmError::WriteMemory)?.memory;
             let state_bytes = writer.write_state(&finishing.state)?;
             let memory_path = writer.memory_path();
             let index_crc = Reader::open(&memory_path).map_err(VmmError::ReadBack)?.index_crc();
@@ -940,6 +988,7 @@ impl Vmm {
                     paused_for: finishing.paused_for.unwrap_or_else(|| finishing.paused_at.elapsed()),
                     total: finishing.started.elapsed(),
                     parent: finishing.parent_dir.clone(),
+                    backup: None,
                 })
             }
             Err(e) => {

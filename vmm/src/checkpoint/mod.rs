@@ -27,4 +27,4 @@ pub use reader::{
     SinkError, Summary,
 };
 pub use source::{BlockHint, FileSource, ImageSource, MemorySource, ReaderSource, SourceError};
-pub use writer::{flatten, write_checkpoint, WriteError, WriteStats, WriterOptions};
+pub use writer::{flatten, rebase_layer, write_checkpoint, WriteError, WriteStats, WriterOptions};

@@ -1795,6 +1795,34 @@ mod tests {
     }
 
     #[test]
+    fn a_layer_rebased_on_its_flattened_parents_reads_the_same_and_keeps_its_index() {
+        let chain = Chain::new();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let lower = Reader::open_chain(&chain.newest_first()[1..], ReaderOptions::default()).expect("mid and base");
+        let flat = dir.path().join("flat");
+        crate::checkpoint::flatten(&lower, &flat, &WriterOptions::default(), &mut |_, _| {}).expect("flattens");
+        let flat_crc = Reader::open(&flat).expect("opens").index_crc();
+        let top = dir.path().join("top");
+        crate::checkpoint::rebase_layer(&chain.paths[2], &top, flat_crc).expect("rebases");
+
+        let old = Reader::open(&chain.paths[2]).expect("opens");
+        let rebased = Reader::open(&top).expect("opens");
+        assert_eq!(rebased.index_crc(), old.index_crc(), "the layer's index is unchanged");
+        assert_eq!(rebased.parent_index_crc(), Some(flat_crc));
+        let two = Reader::open_chain(&[top.clone(), flat.clone()], ReaderOptions::default()).expect("chain of two");
+        assert_eq!(two.verify_layer().expect("verifies"), old.verify_layer().expect("verifies"));
+        let mut buf = vec![0u8; 4096];
+        for i in 0..BLOCKS {
+            assert!(two.read_block(i, &mut buf).expect("reads") == chain.expected(i), "block {i}");
+        }
+        // The old parent is not this layer's parent any more.
+        let err = Reader::open_chain(&[top, chain.paths[1].clone()], ReaderOptions::default());
+        assert!(err.is_err(), "a rebased layer opened on its old parent");
+        // Only layers are rebased.
+        assert!(crate::checkpoint::rebase_layer(&flat, &dir.path().join("x"), 1).is_err());
+    }
+
+    #[test]
     fn layered_write_records_hints_without_reading_those_blocks() {
         let dir = tempfile::tempdir().expect("temp dir");
         let versions = versions();

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use super::format::{
     align_up, valid_memory_block_size, valid_storage_block_size, BlockEntry, BlockKind, BlockMap,
-    Footer, FormatError, Header, StorageEntry, BLOCK_ENTRY_LEN, STORAGE_ENTRY_LEN,
+    Footer, FormatError, Header, StorageEntry, BLOCK_ENTRY_LEN, FOOTER_LEN, STORAGE_ENTRY_LEN,
 };
 use super::reader::Reader;
 use super::source::{BlockHint, MemorySource, ReaderSource, SourceError};
@@ -818,6 +818,41 @@ pub fn flatten(
         ..*options
     };
     write_checkpoint(out, &ReaderSource::new(chain), &options, progress)
+}
+
+/// Copies the layered checkpoint `from` to `to` (a new file), naming
+/// another parent: the one whose index CRC is `parent_index_crc`. Blocks
+/// and index are copied unchanged, so the copy keeps its index CRC and
+/// the layers written on top of it stay valid; only the header's parent
+/// CRC, the header CRC and the footer that binds to it change. For a
+/// parent rewritten with the same content (a chain merged below a layer).
+pub fn rebase_layer(from: &Path, to: &Path, parent_index_crc: u32) -> std::io::Result<()> {
+    let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
+    let reader = Reader::open(from).map_err(|e| invalid(crate::error_chain(&e)))?;
+    let old = reader.header();
+    if !old.is_layered() {
+        return Err(invalid(format!("{} is not a layer on a parent checkpoint", from.display())));
+    }
+    let header = Header::new_layered(
+        old.memory_block_size,
+        old.storage_block_size,
+        old.regions.clone(),
+        Some(parent_index_crc),
+    )
+    .map_err(|e| invalid(e.to_string()))?;
+    let mut src = File::open(from)?;
+    let len = src.metadata()?.len();
+    let footer_at = len - FOOTER_LEN as u64;
+    let mut foot = [0u8; FOOTER_LEN];
+    src.read_exact_at(&mut foot, footer_at)?;
+    let mut footer = Footer::decode(&foot, footer_at, old, reader.block_count() as u64)
+        .map_err(|e| invalid(e.to_string()))?;
+    footer.header_crc = header.crc;
+    let mut dst = OpenOptions::new().write(true).create_new(true).open(to)?;
+    std::io::copy(&mut src, &mut dst)?;
+    dst.write_all_at(&header.encode(), 0)?;
+    dst.write_all_at(&footer.encode(), footer_at)?;
+    dst.sync_all()
 }
 
 #[cfg(test)]

@@ -27,6 +27,12 @@
 //! [`DirtyLog::take`] hands out the pages changed since the previous take
 //! and starts a new interval; a snapshot that then fails gives them back
 //! with [`DirtyLog::give_back`], so the next one still writes them.
+//!
+//! Backups (`crate::backup`) keep their own interval on the same record:
+//! once a VM has a backup, every take also adds the pages it read to the
+//! set changed since that backup. [`DirtyLog::take_for_backup`] hands that
+//! set out and starts a new one, leaving the snapshot interval as it was,
+//! so snapshots and backups may interleave in any order.
 
 use kvm_ioctls::VmFd;
 use vm_memory::bitmap::AtomicBitmap;
@@ -131,6 +137,8 @@ pub struct DirtyLog {
     on: bool,
     /// Pages of a snapshot that failed, waiting for the next one.
     carried: Option<DirtyPages>,
+    /// Pages changed since the VM's latest backup, once it has one.
+    since_backup: Option<DirtyPages>,
 }
 
 impl DirtyLog {
@@ -149,6 +157,7 @@ impl DirtyLog {
         }
         self.on = true;
         self.carried = None;
+        self.since_backup = None;
         Ok(())
     }
 
@@ -171,10 +180,38 @@ impl DirtyLog {
                     return Err(e);
                 }
             };
+            let vmm = vmm_bitmap(region).get_and_reset();
+            if let Some(since) = &mut self.since_backup {
+                since.merge_region(index, &kvm);
+                since.merge_region(index, &vmm);
+            }
             pages.merge_region(index, &kvm);
-            pages.merge_region(index, &vmm_bitmap(region).get_and_reset());
+            pages.merge_region(index, &vmm);
         }
         Ok(pages)
+    }
+
+    /// For a backup, with the vCPUs paused and the device threads held:
+    /// the pages changed since the VM's latest backup (`None` when it has
+    /// none, or tracking started after it), and a new backup interval from
+    /// now. The snapshot interval is left as it was.
+    pub fn take_for_backup(&mut self, vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Option<DirtyPages>, DirtyError> {
+        let pages = self.take(vm, mem)?;
+        self.give_back(pages);
+        let since = self.since_backup.replace(DirtyPages::none(mem));
+        Ok(since)
+    }
+
+    /// Gives back what a failed backup took: `pages` from
+    /// [`Self::take_for_backup`], merged into what changed since.
+    pub fn give_back_backup(&mut self, pages: Option<DirtyPages>) {
+        match (pages, &mut self.since_backup) {
+            (Some(pages), Some(since)) => since.merge(&pages),
+            // The failed backup was the first: there is still no backup to
+            // count changes from.
+            (None, since) => *since = None,
+            (Some(pages), since @ None) => *since = Some(pages),
+        }
     }
 
     /// Gives back pages a failed snapshot took, so the next snapshot
@@ -219,6 +256,25 @@ mod tests {
         assert!(pages.any(1, 3 * 4096, 8));
         assert!(!pages.any(0, 0, 1 << 20));
         assert_eq!(pages.count(), 1);
+    }
+
+    #[test]
+    fn the_backup_interval_collects_every_take_and_a_failed_backup_gives_its_pages_back() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+        let mut log = DirtyLog { on: true, ..DirtyLog::default() };
+        let mut a = DirtyPages::none(&mem);
+        a.merge_region(0, &[0b1]);
+        // No backup yet: nothing to count from.
+        log.give_back_backup(None);
+        assert!(log.since_backup.is_none());
+        log.since_backup = Some(DirtyPages::none(&mem));
+        log.since_backup.as_mut().expect("since").merge(&a);
+        let mut b = DirtyPages::none(&mem);
+        b.merge_region(0, &[0b10]);
+        log.give_back_backup(Some(b));
+        assert_eq!(log.since_backup.as_ref().map(DirtyPages::count), Some(2));
+        log.give_back_backup(None);
+        assert!(log.since_backup.is_none(), "a failed first backup leaves no interval");
     }
 
     #[test]

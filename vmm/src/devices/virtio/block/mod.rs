@@ -33,9 +33,13 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::{QueueOwnedT, QueueT};
 
+use std::sync::Arc;
+
+use self::changed::ChangedBlocks;
 use self::image::{DiskImage, SECTOR_SIZE};
 use super::{device_type, features, QueueContext, VirtioDevice, WarnLimiter};
 
+pub mod changed;
 pub mod image;
 mod request;
 
@@ -117,6 +121,8 @@ pub struct Block {
     config: [u8; CONFIG_SIZE],
     queue_max_sizes: [u16; 1],
     warn: WarnLimiter,
+    /// Blocks the guest changed, for incremental backups.
+    changed: Arc<ChangedBlocks>,
 }
 
 impl Block {
@@ -136,7 +142,8 @@ impl Block {
         let mut id = [0u8; SERIAL_MAX_LEN];
         id[..serial.len()].copy_from_slice(serial.as_bytes());
         let config = config_space(image.size() / SECTOR_SIZE);
-        Block { image, serial, id, config, queue_max_sizes: [QUEUE_SIZE], warn: WarnLimiter::new() }
+        let changed = Arc::new(ChangedBlocks::new(image.size()));
+        Block { image, serial, id, config, queue_max_sizes: [QUEUE_SIZE], warn: WarnLimiter::new(), changed }
     }
 
     /// The device a snapshot saved, over `image`, which must have the saved
@@ -159,6 +166,11 @@ impl Block {
     /// The disk image the device serves.
     pub fn image(&self) -> &DiskImage {
         &self.image
+    }
+
+    /// The blocks the guest changed (shared with the VMM's backups).
+    pub fn changed(&self) -> &Arc<ChangedBlocks> {
+        &self.changed
     }
 
     /// The serial number GET_ID answers.

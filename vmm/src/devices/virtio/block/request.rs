@@ -465,6 +465,7 @@ impl Block {
             }
             VIRTIO_BLK_T_OUT => {
                 let offset = self.byte_range(sector, out_len)?;
+                self.changed.mark(offset, out_len as u64);
                 write_from_guest(mem, file, &data_out, offset)?;
                 Ok(0)
             }
@@ -483,6 +484,7 @@ impl Block {
                 let discard = request_type == VIRTIO_BLK_T_DISCARD;
                 let segments = self.discard_segments(mem, &data_out, discard)?;
                 for segment in &segments {
+                    self.changed.mark(segment.offset, segment.len);
                     discard_or_zero(file, segment, discard).map_err(RequestError::Io)?;
                 }
                 Ok(0)
