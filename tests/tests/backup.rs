@@ -11,6 +11,7 @@
 //! host.
 
 use std::os::unix::fs::FileExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -193,11 +194,11 @@ fn backups_hold_what_changed_and_every_point_restores_exactly() {
     }
 
     // The state directory holds the retired record only: no block data.
-    let names: Vec<String> = std::fs::read_dir(&state)
+    let state_files: Vec<String> = std::fs::read_dir(&state)
         .expect("state dir")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, ["retired.json"], "the state directory holds more than the retired record");
+    assert_eq!(state_files, ["retired.json"], "the state directory holds more than the retired record");
     let record_len = std::fs::metadata(state.join("retired.json")).expect("record").len();
     assert!(record_len < 2 * MIB, "the retired record is {record_len} bytes");
 
@@ -224,7 +225,6 @@ fn backups_hold_what_changed_and_every_point_restores_exactly() {
     let (m4, d4) = written(&b4);
     assert!(d4 * BLOCK >= 8 * MIB && d4 * BLOCK <= 8 * MIB + 4 * BLOCK, "disk blocks {d4} after tracking was lost: {b4}");
     assert!(m4 * BLOCK >= 8 * MIB && m4 < m1, "memory blocks {m4} after tracking was lost: {b4}");
-    guest.poweroff();
 
     let (ok, listing, err) = stasis(&["backup", "list", &text(&store)]);
     assert!(ok, "backup list: {err}");
@@ -233,7 +233,7 @@ fn backups_hold_what_changed_and_every_point_restores_exactly() {
     assert!(ok && verified.contains("4 backup(s) verified"), "backup verify: {err}{verified}");
 
     // Every point restores exactly.
-    for (sequence, want) in [(1, &p1), (2, &p2), (3, &p3), (4, &p4)] {
+    let restores_exactly = |sequence: u64, want: &Point| {
         let disks = dir.path().join(format!("restored-{sequence}"));
         let mut guest = Guest::spawn(&[
             "restore".to_string(),
@@ -245,7 +245,32 @@ fn backups_hold_what_changed_and_every_point_restores_exactly() {
         let output = guest.poweroff();
         assert_eq!(files, want.files, "point {sequence}: the guest's memory differs; output:\n{output}");
         assert_eq!(image_digest(&disks.join("disk0.img")), want.disk, "point {sequence}: the disk differs");
-    }
+        std::fs::remove_dir_all(&disks).expect("remove the restored disk");
+    };
+    restores_exactly(1, &p1);
+    restores_exactly(2, &p2);
+
+    // Merge, keeping the newest two: backup 3 becomes full, 4 is rebased
+    // on it; the VM's retired record still matches, so the next backup is
+    // incremental from tracking; every point left restores exactly.
+    let (ok, merged, err) = stasis(&["backup", "merge", &text(&store), "--keep", "2"]);
+    assert!(ok, "backup merge: {err}");
+    let report: serde_json::Value = serde_json::from_str(merged.trim()).expect("merge JSON");
+    assert_eq!(report["merge"]["removed"], serde_json::json!(["000001", "000002"]), "{merged}");
+    assert_eq!(report["merge"]["full"], "000003", "{merged}");
+    assert_eq!(report["merge"]["rebased"], "000004", "{merged}");
+    assert_eq!(names(&store), ["000003", "000004", "stasis-backup-store.json"]);
+    let (ok, verified, err) = stasis(&["backup", "verify", &text(&store)]);
+    assert!(ok && verified.contains("2 backup(s) verified"), "verify after merge: {err}{verified}");
+    let (_, listing, _) = stasis(&["backup", "list", &text(&store)]);
+    assert!(listing.lines().any(|l| l.starts_with("000003  full")), "{listing}");
+    let p5 = change(&mut guest, &work_disk, "m5", 600, 4);
+    let b5 = backup(&sock2, &store, &state);
+    assert_eq!((&b5["changes_from"], &b5["sequence"]), (&"dirty-tracking".into(), &5.into()), "{b5}");
+    guest.poweroff();
+    restores_exactly(3, &p3);
+    restores_exactly(4, &p4);
+    restores_exactly(5, &p5);
 }
 
 /// The names in a directory, sorted.
@@ -258,18 +283,30 @@ fn names(dir: &Path) -> Vec<String> {
     names
 }
 
-/// Copies a directory tree.
-fn copy_tree(from: &Path, to: &Path) {
+/// Copies a directory tree; with `link`, files are hard links (enough for
+/// a merge, which never writes into an existing file).
+fn copy_tree_with(from: &Path, to: &Path, link: bool) {
     std::fs::create_dir_all(to).expect("mkdir");
     for entry in std::fs::read_dir(from).expect("read dir") {
         let entry = entry.expect("entry");
         let target = to.join(entry.file_name());
         if entry.file_type().expect("type").is_dir() {
-            copy_tree(&entry.path(), &target);
+            copy_tree_with(&entry.path(), &target, link);
+        } else if link {
+            std::fs::hard_link(entry.path(), &target).expect("link");
         } else {
             std::fs::copy(entry.path(), &target).expect("copy");
         }
     }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    copy_tree_with(from, to, false);
+}
+
+/// The backup directories of a store.
+fn backups(store: &Path) -> Vec<String> {
+    names(store).into_iter().filter(|n| n.len() == 6).collect()
 }
 
 /// `stasis backup verify STORE`: success, and what it printed.
@@ -404,6 +441,49 @@ fn bad_stores_and_records_are_refused_and_a_killed_backup_leaves_the_store_valid
         }
         kill_during_backup(guest, &sock, &store, &b, Duration::from_millis(after));
     }
+
+    // A merge killed before each of its steps, on a copy of the store each
+    // time: every copy verifies (finishing or undoing the merge first) and
+    // holds the backups from before the merge or those after it; the
+    // first copy killed after the merge committed restores its newest
+    // backup before anything else opened it.
+    let before = backups(&store);
+    assert!(before.len() >= 4, "{before:?}");
+    let after = before[before.len() - 2..].to_vec();
+    let mut restored_mid_merge = false;
+    for step in 1.. {
+        assert!(step < 100, "the merge never finished");
+        let copy = dir.path().join(format!("merge-{step}"));
+        copy_tree_with(&store, &copy, true);
+        let out = Command::new(stasis_bin())
+            .args(["backup", "merge", &text(&copy), "--keep", "2"])
+            .env("STASIS_TEST_MERGE_KILL_AT", step.to_string())
+            .output()
+            .expect("merge runs");
+        let killed = out.status.signal() == Some(libc::SIGKILL);
+        assert!(killed || out.status.success(), "merge failed: {}", String::from_utf8_lossy(&out.stderr));
+        if killed && !restored_mid_merge && copy.join(".merge/journal.json").exists() {
+            restored_mid_merge = true;
+            let newest = copy.join(after.last().expect("a backup"));
+            let mut guest = Guest::spawn(&["restore".to_string(), text(&newest), "--disk-dir".into(), text(&copy.join("work"))]);
+            let files = guest.query("FILES", "echo FILES=$(cd /tmp && sha256sum m* k* 2>/dev/null | cut -c1-16 | tr '\\n' ,)");
+            guest.poweroff();
+            assert!(known.contains(&files), "a restore during a killed merge gives memory of no point: {files}");
+            std::fs::remove_dir_all(copy.join("work")).expect("remove work");
+        }
+        let (ok, report) = verify(&copy);
+        assert!(ok, "the store does not verify after a merge killed at step {step}:\n{report}");
+        let now = backups(&copy);
+        assert!(now == before || now == after, "step {step}: backups {now:?}, neither {before:?} nor {after:?}");
+        assert!(!copy.join(".merge").exists(), "step {step}: the merge's staging stayed");
+        std::fs::remove_dir_all(&copy).expect("remove copy");
+        if !killed {
+            assert_eq!(now, after);
+            eprintln!("merge killed before each of its {} steps: the store verified every time", step - 1);
+            break;
+        }
+    }
+    assert!(restored_mid_merge, "no kill landed between the merge's commit and its end");
 
     // A damaged layer and a missing one: verify names them, restore refuses.
     let damaged = dir.path().join("damaged");

@@ -510,6 +510,12 @@ pub fn build_microvm_from_snapshot(
     let phase = |what: &str| log::debug!("restore: {what} at {:.1} ms", process_start.elapsed().as_secs_f64() * 1000.0);
     // Everything from the files is read and checked before KVM is touched.
     phase("restore started");
+    // A backup in a store: a merge killed half way is finished first.
+    if let Some(store) = dir.parent().filter(|s| s.join(crate::backup::STORE_FILE).is_file()) {
+        if let Err(e) = crate::backup::Store::open(store) {
+            log::warn!("{}", crate::error_chain(&e));
+        }
+    }
     let snapshot = persist::open_snapshot(dir)?;
     phase("snapshot state read");
     // Faults touch scattered blocks: each reads only its own block's stored

@@ -341,6 +341,15 @@ enum BackupSub {
         /// The backup store.
         store: PathBuf,
     },
+    /// Keep the newest N backups: fold the older ones into the oldest kept
+    /// one, which becomes full. Safe to kill at any point.
+    Merge {
+        /// The backup store.
+        store: PathBuf,
+        /// How many backups to keep (at least 1).
+        #[arg(long, value_name = "N")]
+        keep: usize,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -559,6 +568,10 @@ fn main() -> ExitCode {
             match sub {
                 BackupSub::List { store } => stasis::backup::list(&store, &mut out),
                 BackupSub::Verify { store } => stasis::backup::verify(&store, &mut out),
+                BackupSub::Merge { store, keep } => stasis::backup::merge::merge(&store, keep).and_then(|report| {
+                    let line = serde_json::json!({ "merge": report }).to_string();
+                    std::io::Write::write_all(&mut out, format!("{line}\n").as_bytes()).map_err(|e| e.to_string())
+                }),
             }
             .map(|()| ExitCode::SUCCESS)
             .map_err(Into::into)

@@ -30,6 +30,7 @@
 //! the way out (`--full`).
 
 pub mod disk;
+pub mod merge;
 mod vm;
 
 pub use vm::{report_json, BackupCapture, BackupFinish, BackupMode, BackupReport};
@@ -70,6 +71,10 @@ pub enum BackupError {
     BadRecord(PathBuf, String),
     #[error("cannot write the retired record {0}")]
     WriteRecord(PathBuf, #[source] std::io::Error),
+    #[error("backup store {0} is busy: another backup or a merge is writing to it; try again when it ends")]
+    Busy(PathBuf),
+    #[error("the store has an unfinished merge whose journal {0} is damaged; remove the store's .merge directory only after checking that every backup it names is complete")]
+    BadJournal(PathBuf),
 }
 
 /// `STORE/stasis-backup-store.json`.
@@ -83,6 +88,12 @@ pub struct StoreMarker {
     pub id: String,
     /// The VM whose backups it holds.
     pub vm_id: String,
+}
+
+/// The store's lock (`flock` on its marker), released when dropped.
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: fs::File,
 }
 
 /// One backup in a store.
@@ -106,8 +117,50 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens an existing store.
+    /// Opens an existing store, first finishing (or undoing) a merge that
+    /// was killed ([`merge`]).
     pub fn open(dir: &Path) -> Result<Store, BackupError> {
+        let store = Store::open_marker(dir)?;
+        store.recover()?;
+        Ok(store)
+    }
+
+    fn recover(&self) -> Result<(), BackupError> {
+        let staging = self.dir.join(merge::MERGE_DIR);
+        if !staging.exists() {
+            return Ok(());
+        }
+        let lock = match self.lock() {
+            Ok(lock) => lock,
+            // A merge is applying its journal: wait for it.
+            Err(BackupError::Busy(_)) if staging.join("journal.json").exists() => self.lock_with(libc::LOCK_EX)?,
+            // A merge is staging its files; the store is as it was.
+            Err(BackupError::Busy(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        merge::recover(self, &lock)
+    }
+
+    /// Takes the store's lock, held by a backup while it writes and by a
+    /// merge: one at a time.
+    pub fn lock(&self) -> Result<StoreLock, BackupError> {
+        self.lock_with(libc::LOCK_EX | libc::LOCK_NB)
+    }
+
+    fn lock_with(&self, how: libc::c_int) -> Result<StoreLock, BackupError> {
+        let file = fs::File::open(self.dir.join(STORE_FILE)).map_err(|e| BackupError::Io(self.dir.clone(), e))?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), how) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(BackupError::Busy(self.dir.clone()));
+            }
+            return Err(BackupError::Io(self.dir.clone(), e));
+        }
+        Ok(StoreLock { _file: file })
+    }
+
+    fn open_marker(dir: &Path) -> Result<Store, BackupError> {
         let path = dir.join(STORE_FILE);
         if !path.is_file() {
             return Err(BackupError::Missing(dir.to_path_buf()));

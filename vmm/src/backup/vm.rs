@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::disk::{self, DiskBlocks, DiskJob};
-use super::{default_state_dir, disk_file_name, sequence_name, Entry, RetiredRecord, Store};
+use super::{default_state_dir, disk_file_name, sequence_name, Entry, RetiredRecord, Store, StoreLock};
 use crate::checkpoint::{writer::DEFAULT_MEMORY_BLOCK_SIZE, Reader, WriteStats};
 use crate::devices::virtio::block::changed::ChangedBlocks;
 use crate::error_chain;
@@ -86,6 +86,8 @@ impl BackupCapture {
 /// What a backup does once its memory and disks are written.
 pub struct BackupFinish {
     store: Store,
+    /// Held until the backup is committed or abandoned.
+    _lock: StoreLock,
     sequence: u64,
     state_dir: PathBuf,
     generation: u64,
@@ -156,6 +158,7 @@ impl Vmm {
         }
         let refuse = VmmError::Backup;
         let store = Store::open_or_create(to, &self.vm_id).map_err(|e| refuse(error_chain(&e)))?;
+        let lock = store.lock().map_err(|e| refuse(error_chain(&e)))?;
         let state_dir = state_dir.map_or_else(|| default_state_dir(&self.vm_id), Path::to_path_buf);
         let entries = store.backups().map_err(|e| refuse(error_chain(&e)))?;
         let record = RetiredRecord::load(&state_dir).map_err(|e| refuse(error_chain(&e)))?;
@@ -219,6 +222,7 @@ impl Vmm {
             self.capture(&writer, identity.parent.as_ref(), changed, true, was_paused, paused_at, Some(&mut capture));
         let finish = BackupFinish {
             store,
+            _lock: lock,
             sequence,
             state_dir,
             generation,
