@@ -799,16 +799,7 @@ impl Vmm {
         let writer = SnapshotWriter::create(out)?;
         let identity = Identity { id: persist::new_id(), vm_id: self.vm_id.clone(), parent };
         let started = Instant::now();
-        // Tracking starts with a booted VM's first snapshot, before its
-        // pause: switching KVM's log on write-protects (and splits) the
-        // guest's mappings, work the guest need not be stopped for. What
-        // the guest writes until the pause is logged too, and taken below.
-        if !self.dirty.is_on() {
-            self.dirty.start(&self.vm, &self.mem)?;
-        }
-        let was_paused = self.paused;
-        let paused_at = Instant::now();
-        self.pause()?;
+        let (was_paused, paused_at) = self.track_and_pause()?;
         log::debug!("snapshot: vCPUs paused after {:.1} ms", paused_at.elapsed().as_secs_f64() * 1000.0);
         // Every snapshot takes the pages changed since the one before.
         let taken = match self.dirty.take(&self.vm, &self.mem) {
@@ -847,6 +838,22 @@ impl Vmm {
                 Err(e)
             }
         }
+    }
+
+    /// Starts dirty tracking if it is off, then pauses the vCPUs; returns
+    /// whether the VM was paused already and when the pause began.
+    /// Tracking starts with a booted VM's first snapshot or backup, before
+    /// its pause: switching KVM's log on write-protects (and splits) the
+    /// guest's mappings, work the guest need not be stopped for. What the
+    /// guest writes until the pause is logged too.
+    pub(crate) fn track_and_pause(&mut self) -> Result<(bool, Instant), VmmError> {
+        if !self.dirty.is_on() {
+            self.dirty.start(&self.vm, &self.mem)?;
+        }
+        let was_paused = self.paused;
+        let paused_at = Instant::now();
+        self.pause()?;
+        Ok((was_paused, paused_at))
     }
 
     /// Resumes the vCPUs unless they were paused before (by the user);

@@ -191,13 +191,7 @@ fn bench_stasis(o: &Opts) -> bool {
         Ok(failed_full || failed_inc || failed_after)
     });
     o.common.clean(&work);
-    match result {
-        Ok(failed) => failed,
-        Err(e) => {
-            println!("{} {}", prefix("-"), error_field(&e));
-            true
-        }
-    }
+    failed_or_error(&prefix("-"), result)
 }
 
 // ---- QEMU --------------------------------------------------------------------
@@ -320,13 +314,15 @@ fn bench_qemu(o: &Opts) -> bool {
         Ok(failed)
     });
     o.common.clean(&work);
-    match result {
-        Ok(failed) => failed,
-        Err(e) => {
-            println!("{} {}", prefix("-"), error_field(&e));
-            true
-        }
-    }
+    failed_or_error(&prefix("-"), result)
+}
+
+/// Whether a VMM's rows failed; an error that stopped them is its own row.
+fn failed_or_error(prefix: &str, result: Res<bool>) -> bool {
+    result.unwrap_or_else(|e| {
+        println!("{prefix} {}", error_field(&e));
+        true
+    })
 }
 
 fn main() {

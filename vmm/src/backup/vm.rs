@@ -199,12 +199,7 @@ impl Vmm {
         let writer = SnapshotWriter::create(&store.path_of(sequence))?;
         let identity = Identity { id: persist::new_id(), vm_id: self.vm_id.clone(), parent };
         let started = Instant::now();
-        if !self.dirty.is_on() {
-            self.dirty.start(&self.vm, &self.mem)?;
-        }
-        let was_paused = self.paused;
-        let paused_at = Instant::now();
-        self.pause()?;
+        let (was_paused, paused_at) = self.track_and_pause()?;
         let memory_taken = match self.dirty.take_for_backup(&self.vm, &self.mem) {
             Ok(pages) => pages,
             Err(e) => {
