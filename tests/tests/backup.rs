@@ -2,7 +2,8 @@
 //! (full), changed, backed up twice more (incrementals from dirty
 //! tracking), then snapshotted and restored into a new VMM (tracking lost)
 //! and changed and backed up once more (checksum comparison). Each backup
-//! holds about what changed, the state directory holds only the retired
+//! holds about what changed (and, for one, the disk as it was at its
+//! pause although the guest overwrote it meanwhile), the state directory holds only the retired
 //! record, the store verifies, and restoring each of the four points gives
 //! that point's memory (sha256 of tmpfs files, checked by the guest) and
 //! disk (the whole image, checked on the host after the guest powers off).
@@ -177,10 +178,30 @@ fn backups_hold_what_changed_and_every_point_restores_exactly() {
 
     // Points 2 and 3: 16 and 8 MiB more, from dirty tracking.
     let p2 = change(&mut guest, &disk, "m2", 100, 16);
-    let b2 = backup(&sock, &store, &state);
+    // While backup 2 is written (after its pause: the VMM reports it in
+    // progress), the guest overwrites the blocks it holds, with direct
+    // writes: they are copied out before the writes, so point 2 still
+    // restores exactly.
+    guest.send_line(
+        "read go; [ \"$go\" = go ] && dd if=/dev/urandom of=/dev/vda bs=64k count=256 seek=1600 oflag=direct 2>/dev/null; echo OVERWROTE=$?x",
+    );
+    let b2 = {
+        let (sock, store, state) = (sock.clone(), store.clone(), state.clone());
+        std::thread::spawn(move || backup(&sock, &store, &state))
+    };
+    let deadline = std::time::Instant::now() + WORK_TIMEOUT;
+    while status_json(&sock).get("snapshot_in_progress").is_none() {
+        assert!(std::time::Instant::now() < deadline && !b2.is_finished(), "backup 2 was never seen in progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    guest.send_line("go");
+    let b2 = b2.join().expect("backup 2");
+    guest.expect("OVERWROTE=0x", WORK_TIMEOUT);
+    eprintln!("blocks copied ahead of the guest's writes during backup 2: {}", b2["disk_blocks_copied_before_write"]);
     let p3 = change(&mut guest, &disk, "m3", 300, 8);
     let b3 = backup(&sock, &store, &state);
-    for (b, mib) in [(&b2, 16), (&b3, 8)] {
+    // Backup 3 also holds the 16 MiB the guest overwrote during backup 2.
+    for (b, mib) in [(&b2, 16), (&b3, 8 + 16)] {
         assert_eq!(b["kind"], "incremental", "{b}");
         assert_eq!(b["changes_from"], "dirty-tracking", "{b}");
         let (m, d) = written(b);
@@ -241,6 +262,9 @@ fn backups_hold_what_changed_and_every_point_restores_exactly() {
             "--disk-dir".into(),
             text(&disks),
         ]);
+        // Point 2 was taken while the shell waited in `read go`: an empty
+        // line lets it go on without writing.
+        guest.send_line("");
         let files = guest.query("FILES", "echo FILES=$(cd /tmp && sha256sum m* | cut -c1-16 | tr '\\n' ,)");
         let output = guest.poweroff();
         assert_eq!(files, want.files, "point {sequence}: the guest's memory differs; output:\n{output}");

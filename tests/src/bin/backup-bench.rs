@@ -10,7 +10,7 @@
 //! ```text
 //! machine …
 //! setup mem_mib=1024 disk_mib=2048 base_mib=64 changed_mib=16
-//! backup vmm=stasis step=full changes_from=full paused_ms=… total_s=… bytes_written=… disk_bytes_copied_in_pause=…
+//! backup vmm=stasis step=full changes_from=full paused_ms=… total_s=… bytes_written=… disk_bytes_copied=… disk_blocks_copied_before_write=…
 //! backup vmm=stasis step=incremental changes_from=dirty-tracking …
 //! backup vmm=stasis step=after-restore changes_from=checksums …
 //! backup vmm=qemu step=full changes_from=full paused_ms=… total_s=… bytes_written=… disk_s=… disk_bytes=… memory_s=… memory_bytes=…
@@ -139,12 +139,13 @@ fn stasis_backup(o: &Opts, sock: &Path, store: &Path, state: &Path, full: bool) 
     let (_, out) = bench::run_tool(&mut cmd, JOB_TIMEOUT)?;
     let backup = bench::json_object(&out, "backup").ok_or_else(|| format!("no backup in the reply: {out}"))?;
     Ok(format!(
-        "changes_from={} paused_ms={} total_s={} bytes_written={} disk_bytes_copied_in_pause={} memory_blocks_written={}",
+        "changes_from={} paused_ms={} total_s={} bytes_written={} disk_bytes_copied={} disk_blocks_copied_before_write={} memory_blocks_written={}",
         json_field(backup, "changes_from").unwrap_or("-"),
         bench::opt_fixed(json_num(backup, "paused_ms"), 1),
         bench::opt_fixed(json_num(backup, "write_s"), 3),
         opt(json_int(backup, "bytes_written")),
-        opt(json_int(backup, "disk_bytes_copied_in_pause")),
+        opt(json_int(backup, "disk_bytes_copied")),
+        opt(json_int(backup, "disk_blocks_copied_before_write")),
         opt(json_int(backup, "memory_blocks_written")),
     ))
 }

@@ -6,21 +6,25 @@
 //! into [`DISK_BLOCK_SIZE`] blocks: the same layers, checksums and chains
 //! as memory.
 //!
-//! In the pause, the blocks a backup needs are copied into a sparse
-//! staging file beside the checkpoint (`copy_file_range`, so the kernel
-//! copies within its page cache, or shares extents where the file system
-//! can): every written block for a full backup, only the changed ones for
-//! an incremental one. The guest then writes its disk freely; the forked
-//! writer turns the staging file into the checkpoint and removes it.
+//! In the pause, a backup only marks the blocks it needs — every written
+//! block for a full or checksum backup, the changed ones for a tracked one
+//! — and creates a sparse staging file beside the checkpoint. The guest
+//! runs on: the forked writer copies the marked blocks into the staging
+//! file (`copy_file_range`, so the kernel copies within its page cache, or
+//! shares extents where the file system can), and the block device copies
+//! a marked block first when the guest is about to overwrite it
+//! ([`CopyOut`]). The writer then turns the staging file into the
+//! checkpoint and removes it.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use crate::checkpoint::{self, BlockHint, BlockKind, MemorySource, Reader, Region, SourceError, WriteStats, WriterOptions};
-use crate::devices::virtio::block::changed::{self, DISK_BLOCK_SIZE};
-use crate::devices::virtio::block::image::copy_sparse;
+use crate::devices::virtio::block::changed::{self, BeforeWrite, DISK_BLOCK_SIZE};
 
 /// Which blocks of a disk a backup stores.
 #[derive(Debug, Clone)]
@@ -47,36 +51,233 @@ pub(crate) struct DiskJob {
     pub(crate) blocks: DiskBlocks,
     /// The previous backup's disk checkpoint, for an incremental one.
     pub(crate) parent_index_crc: Option<u32>,
+    /// Brings the blocks into the staging file.
+    pub(crate) copy: Arc<CopyOut>,
 }
 
-/// Copies what `blocks` needs of `disk` into a new staging file; returns
-/// the data bytes copied. Runs in the pause.
-pub(crate) fn stage(disk: &File, size: u64, blocks: &DiskBlocks, staging: &Path) -> std::io::Result<u64> {
-    match blocks {
-        DiskBlocks::All | DiskBlocks::Compare(_) => Ok(copy_sparse(disk, staging)?.bytes_copied),
-        DiskBlocks::Changed(bits) => {
-            let out = OpenOptions::new().write(true).create_new(true).open(staging)?;
-            out.set_len(size)?;
-            let mut copied = 0;
-            let total = size.div_ceil(DISK_BLOCK_SIZE);
-            let mut block = 0;
-            while block < total {
-                if !changed::is_set(bits, block) {
-                    block += 1;
-                    continue;
-                }
-                // A run of changed blocks in one call.
-                let first = block;
-                while block < total && changed::is_set(bits, block) {
-                    block += 1;
-                }
-                let start = first * DISK_BLOCK_SIZE;
-                let end = (block * DISK_BLOCK_SIZE).min(size);
-                copy_range(disk, &out, start, end - start)?;
-                copied += end - start;
+// Block states, one byte per block in memory shared by the VMM and the
+// forked writer.
+// 0: not part of the backup.
+/// Part of the backup and not copied yet.
+const NEEDED: u8 = 1;
+/// Being copied into the staging file (by the VMM or the writer).
+const COPYING: u8 = 2;
+/// In the staging file.
+const COPIED: u8 = 3;
+/// The copy failed: the backup fails.
+const FAILED: u8 = 4;
+
+/// One atomic byte per block in an anonymous `MAP_SHARED` mapping, which
+/// `fork` shares instead of copying: the VMM and its forked writer see the
+/// same states.
+struct SharedStates {
+    ptr: std::ptr::NonNull<AtomicU8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is only accessed through atomics.
+unsafe impl Send for SharedStates {}
+// SAFETY: as above.
+unsafe impl Sync for SharedStates {}
+
+impl SharedStates {
+    fn new(len: usize) -> std::io::Result<Self> {
+        let bytes = len.max(1);
+        // SAFETY: a new anonymous mapping; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<AtomicU8>()).ok_or_else(std::io::Error::last_os_error)?;
+        Ok(SharedStates { ptr, len })
+    }
+
+    fn get(&self, block: u64) -> &AtomicU8 {
+        assert!((block as usize) < self.len, "block {block} past the disk's {} blocks", self.len);
+        // SAFETY: in bounds (checked), zero-initialised by mmap, which is
+        // a valid AtomicU8; the mapping lives as long as `self`.
+        unsafe { &*self.ptr.as_ptr().add(block as usize) }
+    }
+}
+
+impl Drop for SharedStates {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping `new` made, which nothing borrows now.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len.max(1)) };
+    }
+}
+
+/// Copy-before-write of one disk during a backup: the blocks the backup
+/// needs, as they were in its pause, reach the staging file whoever gets
+/// to them first — the forked writer copying them in order, or the VMM's
+/// block device about to overwrite one (the [`BeforeWrite`] hook). Each
+/// block is claimed by one compare-and-swap, so it is copied once and
+/// never after the guest changed it.
+pub(crate) struct CopyOut {
+    states: SharedStates,
+    blocks: u64,
+    size: u64,
+    image: File,
+    staging: File,
+    staging_path: PathBuf,
+    /// The forked writer, as a pidfd: readable once it ended.
+    writer: OnceLock<OwnedFd>,
+    /// Blocks the VMM copied because the guest was about to write them.
+    before_write: AtomicU64,
+    /// The block data the backup needs (written blocks, not holes).
+    needed_bytes: u64,
+}
+
+impl CopyOut {
+    /// In the pause: marks the blocks `blocks` needs of `disk` and creates
+    /// the (sparse) staging file. Nothing is copied yet.
+    pub(crate) fn prepare(disk: &File, size: u64, blocks: &DiskBlocks, staging: &Path) -> std::io::Result<Arc<CopyOut>> {
+        let count = size.div_ceil(DISK_BLOCK_SIZE);
+        let needed = match blocks {
+            DiskBlocks::Changed(bits) => bits.clone(),
+            // Every block with data now; holes stay holes.
+            DiskBlocks::All | DiskBlocks::Compare(_) => data_blocks(disk, size),
+        };
+        let states = SharedStates::new(count as usize)?;
+        let mut needed_bytes = 0;
+        for block in 0..count {
+            if changed::is_set(&needed, block) {
+                states.get(block).store(NEEDED, Ordering::Relaxed);
+                needed_bytes += DISK_BLOCK_SIZE.min(size - block * DISK_BLOCK_SIZE);
             }
-            out.sync_data()?;
-            Ok(copied)
+        }
+        let out = OpenOptions::new().read(true).write(true).create_new(true).open(staging)?;
+        out.set_len(size)?;
+        Ok(Arc::new(CopyOut {
+            states,
+            blocks: count,
+            size,
+            image: disk.try_clone()?,
+            staging: out,
+            staging_path: staging.to_path_buf(),
+            writer: OnceLock::new(),
+            before_write: AtomicU64::new(0),
+            needed_bytes,
+        }))
+    }
+
+    /// Names the forked writer, so that the VMM stops waiting on a block
+    /// it claimed if it dies.
+    pub(crate) fn set_writer(&self, pid: libc::pid_t) {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new
+        // descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd >= 0 {
+            // SAFETY: a new descriptor this call owns.
+            let _ = self.writer.set(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+        }
+    }
+
+    /// Blocks the VMM copied ahead of the guest's writes.
+    pub(crate) fn copied_before_write(&self) -> u64 {
+        self.before_write.load(Ordering::Relaxed)
+    }
+
+    /// The bytes of block data the backup copies.
+    pub(crate) fn needed_bytes(&self) -> u64 {
+        self.needed_bytes
+    }
+
+    /// Copies `block` into the staging file if it is still needed and this
+    /// caller wins it: `None` when someone else has (or had) it.
+    fn claim(&self, block: u64) -> Option<std::io::Result<()>> {
+        let state = self.states.get(block);
+        state.compare_exchange(NEEDED, COPYING, Ordering::AcqRel, Ordering::Acquire).ok()?;
+        let offset = block * DISK_BLOCK_SIZE;
+        let result = copy_range(&self.image, &self.staging, offset, DISK_BLOCK_SIZE.min(self.size - offset));
+        state.store(if result.is_ok() { COPIED } else { FAILED }, Ordering::Release);
+        Some(result)
+    }
+
+    /// Waits while someone else copies `block`; returns its state, or
+    /// `COPYING` when `alive` says the copier is gone.
+    fn wait(&self, block: u64, alive: impl Fn() -> bool) -> u8 {
+        let state = self.states.get(block);
+        let mut spins = 0u32;
+        loop {
+            let now = state.load(Ordering::Acquire);
+            if now != COPYING {
+                return now;
+            }
+            spins += 1;
+            if spins < 100 {
+                std::hint::spin_loop();
+            } else {
+                if spins % 64 == 0 && !alive() {
+                    return COPYING;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+        }
+    }
+
+    fn writer_alive(&self) -> bool {
+        let Some(fd) = self.writer.get() else { return true };
+        let mut poll = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, no wait.
+        unsafe { libc::poll(&mut poll, 1, 0) == 0 }
+    }
+
+    /// In the forked writer: brings every block still needed into the
+    /// staging file, in order.
+    fn copy_all(&self) -> Result<(), String> {
+        let failed = |block: u64, why: String| {
+            format!("cannot copy disk block {block} into {}: {why}", self.staging_path.display())
+        };
+        for block in 0..self.blocks {
+            let state = match self.claim(block) {
+                Some(Ok(())) => COPIED,
+                Some(Err(e)) => return Err(failed(block, e.to_string())),
+                // The VMM has it: it finishes the copy before it lets the
+                // guest write, and this process dies with it.
+                None => self.wait(block, || true),
+            };
+            if state == FAILED {
+                return Err(failed(block, "the copy before the guest's write failed".into()));
+            }
+        }
+        self.staging.sync_data().map_err(|e| failed(self.blocks, e.to_string()))
+    }
+}
+
+impl std::fmt::Debug for CopyOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyOut").field("staging", &self.staging_path).field("blocks", &self.blocks).finish()
+    }
+}
+
+impl BeforeWrite for CopyOut {
+    fn before_write(&self, first: u64, last: u64) {
+        for block in first..=last.min(self.blocks.saturating_sub(1)) {
+            match self.claim(block) {
+                Some(result) => {
+                    // A failed copy fails the backup (the writer sees the
+                    // state); the guest's write goes on.
+                    if let Err(e) = result {
+                        log::warn!("backup: cannot copy disk block {block} before the guest's write: {e}");
+                    }
+                    self.before_write.fetch_add(1, Ordering::Relaxed);
+                }
+                None => {
+                    if self.wait(block, || self.writer_alive()) == COPYING {
+                        log::warn!("backup: the writer died while copying disk block {block}");
+                    }
+                }
+            }
         }
     }
 }
@@ -196,6 +397,7 @@ pub(crate) fn zero_crc(len: usize) -> u32 {
 /// Writes the disk checkpoint of `job` from its staging file, then removes
 /// the staging file. Runs in the forked writer.
 pub(crate) fn write_job(job: &DiskJob) -> Result<WriteStats, String> {
+    job.copy.copy_all()?;
     let file = File::open(&job.staging).map_err(|e| format!("cannot open {}: {e}", job.staging.display()))?;
     let data = data_blocks(&file, job.size);
     let compared;
@@ -306,12 +508,10 @@ mod tests {
         let f = disk(dir.path(), size);
         f.write_all_at(&[1u8; 5000], 3 * DISK_BLOCK_SIZE - 100).expect("write");
         f.write_all_at(b"tail", size - 4).expect("write");
-        let job = |name: &str, blocks: DiskBlocks, parent: Option<u32>| DiskJob {
-            staging: dir.path().join(format!("{name}.raw")),
-            out: dir.path().join(format!("{name}.ckpt")),
-            size,
-            blocks,
-            parent_index_crc: parent,
+        let job = |name: &str, blocks: DiskBlocks, parent: Option<u32>| {
+            let staging = dir.path().join(format!("{name}.raw"));
+            let copy = CopyOut::prepare(&f, size, &blocks, &staging).expect("prepare");
+            DiskJob { staging, out: dir.path().join(format!("{name}.ckpt")), size, blocks, parent_index_crc: parent, copy }
         };
         let image = |f: &File| {
             let mut v = vec![0u8; size as usize];
@@ -320,7 +520,6 @@ mod tests {
         };
 
         let a = job("a", DiskBlocks::All, None);
-        stage(&f, size, &a.blocks, &a.staging).expect("stage");
         let sa = write_job(&a).expect("write a");
         assert!(!a.staging.exists(), "the staging file is removed");
         assert_eq!(sa.zstd_blocks + sa.raw_blocks, 3, "blocks 2, 3 and the tail");
@@ -331,7 +530,7 @@ mod tests {
         f.write_all_at(&[7u8; 10], 20 * DISK_BLOCK_SIZE).expect("write");
         tracker.mark(20 * DISK_BLOCK_SIZE, 10);
         let b = job("b", DiskBlocks::Changed(tracker.take()), Some(ra.index_crc()));
-        assert_eq!(stage(&f, size, &b.blocks, &b.staging).expect("stage"), DISK_BLOCK_SIZE);
+        assert_eq!(b.copy.needed_bytes(), DISK_BLOCK_SIZE);
         let sb = write_job(&b).expect("write b");
         assert_eq!(sb.parent_blocks, 40, "one block stored, the rest in the parent");
         let point_b = image(&f);
@@ -342,7 +541,6 @@ mod tests {
         f.write_all_at(&[0u8; 4096], 3 * DISK_BLOCK_SIZE).expect("write");
         f.write_all_at(&[9u8; 1], 39 * DISK_BLOCK_SIZE).expect("write");
         let c = job("c", DiskBlocks::Compare(crcs), Some(chain_b.index_crc()));
-        stage(&f, size, &c.blocks, &c.staging).expect("stage");
         let sc = write_job(&c).expect("write c");
         assert_eq!(sc.parent_blocks, 39, "only the two blocks that differ are stored");
         let point_c = image(&f);
@@ -358,5 +556,56 @@ mod tests {
             let got = std::fs::read(&target).expect("read back");
             assert!(got == *want, "point {name} rebuilds exactly");
         }
+    }
+
+    #[test]
+    fn blocks_the_guest_overwrites_during_a_backup_are_copied_first_so_the_backup_holds_the_pause() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blocks = 64;
+        let size = blocks * DISK_BLOCK_SIZE;
+        let f = disk(dir.path(), size);
+        for block in 0..blocks {
+            f.write_all_at(&[block as u8 + 1; 100], block * DISK_BLOCK_SIZE + 7).expect("write");
+        }
+        let mut at_pause = vec![0u8; size as usize];
+        f.read_exact_at(&mut at_pause, 0).expect("read");
+        let staging = dir.path().join("staging");
+        let copy = CopyOut::prepare(&f, size, &DiskBlocks::All, &staging).expect("prepare");
+        let job = DiskJob {
+            staging,
+            out: dir.path().join("disk.ckpt"),
+            size,
+            blocks: DiskBlocks::All,
+            parent_index_crc: None,
+            copy: Arc::clone(&copy),
+        };
+        // The guest overwrites the last four blocks before the writer
+        // starts, then every block, last first, while the writer copies
+        // them first first: they meet half way.
+        for block in blocks - 4..blocks {
+            copy.before_write(block, block);
+            f.write_all_at(&[0xdd; 4096], block * DISK_BLOCK_SIZE).expect("write");
+        }
+        let guest = {
+            let (copy, f) = (Arc::clone(&copy), f.try_clone().expect("clone"));
+            std::thread::spawn(move || {
+                for block in (0..blocks).rev() {
+                    copy.before_write(block, block);
+                    f.write_all_at(&[0xee; 4096], block * DISK_BLOCK_SIZE).expect("write");
+                }
+            })
+        };
+        let stats = write_job(&job).expect("write");
+        guest.join().expect("guest");
+        assert_eq!(stats.raw_blocks + stats.zstd_blocks, blocks);
+        assert!(copy.copied_before_write() >= 4, "the blocks written first were not copied ahead of the writes");
+        let reader = Reader::open(&job.out).expect("open");
+        let target = dir.path().join("point.img");
+        rebuild(&reader, &target).expect("rebuild");
+        assert!(std::fs::read(&target).expect("read") == at_pause, "the backup holds the disk as it was at the pause");
+        // After the backup, writes go straight through.
+        let copied = copy.copied_before_write();
+        copy.before_write(0, blocks - 1);
+        assert_eq!(copy.copied_before_write(), copied);
     }
 }

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::disk::{self, DiskBlocks, DiskJob};
+use super::disk::{CopyOut, DiskBlocks, DiskJob};
 use super::{default_state_dir, disk_file_name, sequence_name, Entry, RetiredRecord, Store, StoreLock};
 use crate::checkpoint::{writer::DEFAULT_MEMORY_BLOCK_SIZE, Reader, WriteStats};
-use crate::devices::virtio::block::changed::ChangedBlocks;
+use crate::devices::virtio::block::changed::{BeforeWrite, ChangedBlocks};
 use crate::error_chain;
 use crate::persist::{self, Identity, ParentRef, SnapshotWriter};
 use crate::vmm::{Begun, Finishing, SnapshotReport, Vmm, VmmError};
@@ -54,11 +54,16 @@ pub struct BackupCapture {
     /// Filled in the pause: the blocks taken from each disk's tracker,
     /// given back if the backup fails.
     taken: Vec<(Arc<ChangedBlocks>, Vec<u64>)>,
+    /// Filled in the pause: each disk's copy-before-write, hooked into its
+    /// tracker until the backup ends.
+    copies: Vec<(Arc<ChangedBlocks>, Arc<CopyOut>)>,
 }
 
 impl BackupCapture {
-    /// In the pause: copies out what disk `index` needs and queues its
-    /// checkpoint; returns the checkpoint's name and the bytes copied.
+    /// In the pause: marks what disk `index` needs, hooks its copy before
+    /// the guest's writes and queues its checkpoint; returns the
+    /// checkpoint's name and the bytes copied in the pause (none: the
+    /// writer and the hook copy them while the guest runs).
     pub(crate) fn stage_disk(
         &mut self,
         writer: &SnapshotWriter,
@@ -76,10 +81,12 @@ impl BackupCapture {
         };
         let name = disk_file_name(index);
         let staging = writer.file_path(&format!(".disk{index}.staging"));
-        let copied = disk::stage(file, size, &blocks, &staging)?;
+        let copy = CopyOut::prepare(file, size, &blocks, &staging)?;
+        changed.set_before_write(Some(Arc::clone(&copy) as Arc<dyn BeforeWrite>));
+        self.copies.push((Arc::clone(changed), Arc::clone(&copy)));
         let parent_index_crc = if self.mode == BackupMode::Full { None } else { self.parents.get(index).copied().flatten() };
-        self.jobs.push(DiskJob { staging, out: writer.file_path(&name), size, blocks, parent_index_crc });
-        Ok((name, copied))
+        self.jobs.push(DiskJob { staging, out: writer.file_path(&name), size, blocks, parent_index_crc, copy });
+        Ok((name, 0))
     }
 }
 
@@ -95,6 +102,16 @@ pub struct BackupFinish {
     /// Pages changed since the previous backup, given back on failure.
     memory_taken: Option<DirtyPages>,
     disks_taken: Vec<(Arc<ChangedBlocks>, Vec<u64>)>,
+    copies: Vec<(Arc<ChangedBlocks>, Arc<CopyOut>)>,
+}
+
+impl Drop for BackupFinish {
+    /// The backup is over, done or failed: writes go straight through.
+    fn drop(&mut self) {
+        for (changed, _) in &self.copies {
+            changed.set_before_write(None);
+        }
+    }
 }
 
 /// A backup's figures.
@@ -108,6 +125,10 @@ pub struct BackupReport {
     pub disks: Vec<WriteStats>,
     /// Bytes of the backup's files in the store.
     pub bytes_written: u64,
+    /// Disk data copied for the backup (while the guest ran).
+    pub disk_bytes_copied: u64,
+    /// Disk blocks copied ahead of the guest's writes.
+    pub disk_blocks_copied_before_write: u64,
     /// Where the retired record is.
     pub state_dir: PathBuf,
 }
@@ -139,7 +160,8 @@ pub fn report_json(report: &SnapshotReport, backup: &BackupReport) -> serde_json
             "stored_bytes": d.bytes_stored,
             "file_bytes": d.file_bytes,
         })).collect::<Vec<_>>(),
-        "disk_bytes_copied_in_pause": report.disk_bytes_copied,
+        "disk_bytes_copied": backup.disk_bytes_copied,
+        "disk_blocks_copied_before_write": backup.disk_blocks_copied_before_write,
         "bytes_written": backup.bytes_written,
         "state_dir": backup.state_dir.display().to_string(),
         "paused_ms": report.paused_for.as_secs_f64() * 1000.0,
@@ -173,6 +195,7 @@ impl Vmm {
             memory_compare: None,
             jobs: Vec::new(),
             taken: Vec::new(),
+            copies: Vec::new(),
         };
         let mut parent = None;
         if let (Some(previous), false) = (entries.last(), full) {
@@ -224,7 +247,13 @@ impl Vmm {
             mode: capture.mode,
             memory_taken,
             disks_taken: std::mem::take(&mut capture.taken),
+            copies: std::mem::take(&mut capture.copies),
         };
+        if let Ok((_, _, Some(child), _)) = &captured {
+            for (_, copy) in &finish.copies {
+                copy.set_writer(child.pid());
+            }
+        }
         match captured {
             Ok((state, disks, child, memory)) => Ok(Begun {
                 writer,
@@ -291,8 +320,8 @@ impl Vmm {
     }
 
     /// Gives back what a failed backup took, so the next one still copies it.
-    fn give_back_backup(&mut self, finish: BackupFinish) {
-        self.dirty.give_back_backup(finish.memory_taken);
+    fn give_back_backup(&mut self, mut finish: BackupFinish) {
+        self.dirty.give_back_backup(finish.memory_taken.take());
         for (changed, bits) in &finish.disks_taken {
             changed.give_back(bits);
         }
@@ -350,7 +379,9 @@ impl Vmm {
                 mode: finish.mode,
                 disks: written.disks,
                 bytes_written,
-                state_dir: finish.state_dir,
+                state_dir: finish.state_dir.clone(),
+                disk_bytes_copied: finish.copies.iter().map(|(_, c)| c.needed_bytes()).sum(),
+                disk_blocks_copied_before_write: finish.copies.iter().map(|(_, c)| c.copied_before_write()).sum(),
             }),
         })
     }
