@@ -269,6 +269,10 @@ fn snapshot_with_disk_and_vsock_restores_lazily() {
     let listener = listen(&uds, 5003);
     guest.send_line("sleep 600 | stasis-vsock connect 2 5003 >/dev/null &");
     let mut held = accept_by(&listener, Instant::now() + COMMAND_TIMEOUT);
+    // A live snapshot first: its disk copy is made while the writer goes
+    // on (each block copied before the guest overwrites it).
+    let live = dir.path().join("live");
+    snapshot(&sock, &live, "resume");
     let snap = dir.path().join("snap");
     snapshot(&sock, &snap, "exit");
     let (status, output) = guest.wait_exit(EXIT_TIMEOUT);
@@ -298,7 +302,25 @@ fn snapshot_with_disk_and_vsock_restores_lazily() {
     assert!(c2 > c1, "the disk writer did not go on after restore ({c1} then {c2}); output:\n{output}");
     assert_eq!(rc, "0", "vsock connect after restore failed; output:\n{output}");
     assert_eq!(received, b"hello-after-restore\n");
-    let fsck = Command::new(e2fsck()).arg("-fn").arg(disks.join("disk0.img")).output().expect("e2fsck runs");
+    fsck_clean(&disks.join("disk0.img"));
+
+    // The live snapshot: its disk matches its memory (the file system
+    // goes on, and is clean after a clean shutdown).
+    let disks = dir.path().join("live-disks");
+    let mut guest = Guest::spawn(&["restore".to_string(), text(&live), "--disk-dir".into(), text(&disks)]);
+    let again = guest.query_within("RSHA", "echo RSHA=$(sha256sum /root/file | cut -d' ' -f1)", WORK_TIMEOUT);
+    let c1: u64 = guest.query("C1", "echo C1=$(cat /root/counter)").parse().expect("counter");
+    thread::sleep(Duration::from_secs(2));
+    let c2: u64 = guest.query("C2", "echo C2=$(cat /root/counter)").parse().expect("counter");
+    guest.send_line("kill %1 %2 2>/dev/null; sync; mount -o remount,ro /; echo REMOUNTED=yes");
+    let output = guest.poweroff();
+    assert_eq!(again, sha, "file written before the live snapshot changed; output:\n{output}");
+    assert!(c2 > c1, "the disk writer did not go on after restoring the live snapshot ({c1} then {c2}); output:\n{output}");
+    fsck_clean(&disks.join("disk0.img"));
+}
+
+fn fsck_clean(image: &Path) {
+    let fsck = Command::new(e2fsck()).arg("-fn").arg(image).output().expect("e2fsck runs");
     assert!(
         fsck.status.success(),
         "the restored VM's file system is not clean:\n{}{}",

@@ -29,6 +29,7 @@ use crate::persist::{
     self, DevicesState, Identity, MachineConfig, ParentRef, PersistError, SavedVirtioDevice, SnapshotState,
     SnapshotWriter, VirtioBackend,
 };
+use crate::backup::disk::{CopyHooks, CopyOut, DiskBlocks, DiskJob};
 use crate::backup::{BackupCapture, BackupFinish, BackupReport};
 use crate::snapshot::{fork_writer, ChildWriter, NotResident, VmMemory, Written};
 use crate::devices::virtio::block::changed::ChangedBlocks;
@@ -299,6 +300,8 @@ pub(crate) struct Finishing {
     pub(crate) started: Instant,
     /// The memory write's outcome, once known.
     pub(crate) memory: Option<Result<Written, String>>,
+    /// The disks' copy before write, until the snapshot is over.
+    pub(crate) disk_hooks: CopyHooks,
     /// What a backup does once its directory is in the store.
     pub(crate) backup: Option<BackupFinish>,
 }
@@ -313,7 +316,7 @@ pub(crate) struct Begun {
 
 /// What the pause captured: the state, the disks (count, bytes copied),
 /// and memory: being written by a child, or written.
-type Captured = (SnapshotState, (usize, u64), Option<ChildWriter>, Option<Result<Written, String>>);
+type Captured = (SnapshotState, (usize, u64), CopyHooks, Option<ChildWriter>, Option<Result<Written, String>>);
 
 /// A live snapshot whose memory a child process is writing.
 pub(crate) struct PendingSnapshot {
@@ -811,7 +814,7 @@ impl Vmm {
         };
         let changed = if identity.parent.is_some() { taken.clone() } else { None };
         match self.capture(&writer, identity.parent.as_ref(), changed, live, was_paused, paused_at, None) {
-            Ok((state, disks, child, memory)) => Ok(Begun {
+            Ok((state, disks, disk_hooks, child, memory)) => Ok(Begun {
                 writer,
                 finishing: Finishing {
                     identity,
@@ -825,6 +828,7 @@ impl Vmm {
                     paused_at,
                     started,
                     memory,
+                    disk_hooks,
                     backup: None,
                 },
                 child,
@@ -910,15 +914,35 @@ impl Vmm {
         let mut virtio = Vec::with_capacity(transports.len());
         let mut disks = 0;
         let mut disk_bytes_copied = 0;
+        let mut hooks = CopyHooks::default();
+        let mut raw_jobs = Vec::new();
         for (index, (slot, transport)) in self.virtio.iter().zip(transports.iter_mut()).enumerate() {
             transport.device_mut().prepare_snapshot().map_err(|e| VmmError::FlushDevice(index, e))?;
             let backend = match &slot.backend {
                 SlotBackend::Block { file, path, read_only, changed } => {
+                    let copy_error = |e| VmmError::CopyDisk(path.clone(), e);
                     let (name, copied) = match backup.as_deref_mut() {
-                        Some(backup) => backup.stage_disk(writer, disks, file, changed).map_err(|e| VmmError::CopyDisk(path.clone(), e))?,
+                        Some(backup) => {
+                            let (name, copy) = backup.stage_disk(writer, disks, file, changed).map_err(copy_error)?;
+                            hooks.add(changed, &copy);
+                            (name, copy.needed_bytes())
+                        }
+                        // A live snapshot: the writer copies the disk while
+                        // the guest runs, each block before the guest
+                        // overwrites it.
+                        None if live => {
+                            let (name, target) = writer.disk_path(disks);
+                            let size = file.metadata().map_err(copy_error)?.len();
+                            let copy = CopyOut::prepare(file, size, &DiskBlocks::All, &target).map_err(copy_error)?;
+                            hooks.add(changed, &copy);
+                            let bytes = copy.needed_bytes();
+                            let blocks = DiskBlocks::All;
+                            raw_jobs.push(DiskJob { staging: target.clone(), out: target, size, blocks, parent_index_crc: None, copy, raw: true });
+                            (name, bytes)
+                        }
                         None => {
                             let (name, copy) = writer.disk_path(disks);
-                            (name, copy_sparse(file, &copy).map_err(|e| VmmError::CopyDisk(path.clone(), e))?.bytes_copied)
+                            (name, copy_sparse(file, &copy).map_err(copy_error)?.bytes_copied)
                         }
                     };
                     disks += 1;
@@ -936,7 +960,7 @@ impl Vmm {
         let vm = vm::save_vm_state(&self.vm)?;
         let state = SnapshotState { machine: self.machine.clone(), vcpus, vm, devices: self.devices.state(), virtio };
         let mut source = VmMemory::new(self.mem.clone(), not_resident, changed);
-        let mut disk_jobs = Vec::new();
+        let mut disk_jobs = raw_jobs;
         if let Some(backup) = backup {
             if let Some(crcs) = backup.memory_compare.take() {
                 source.compare_with(crcs, u64::from(checkpoint::writer::DEFAULT_MEMORY_BLOCK_SIZE));
@@ -947,13 +971,14 @@ impl Vmm {
         if live {
             phase("VM state saved");
             let child = fork_writer(writer.memory_path(), source, options, disk_jobs).map_err(VmmError::ForkWriter)?;
+            hooks.set_writer(child.pid());
             phase("memory writer forked");
             drop(transports);
             if !was_paused {
                 self.resume()?;
             }
             phase("vCPUs resumed");
-            return Ok((state, (disks, disk_bytes_copied), Some(child), None));
+            return Ok((state, (disks, disk_bytes_copied), hooks, Some(child), None));
         }
         if let Err(e) = source.scan_touched() {
             log::warn!("cannot read /proc/self/pagemap ({e}): every memory block is read");
@@ -963,7 +988,7 @@ impl Vmm {
         self.snapshot_progress = progress;
         drop(transports);
         let written = written.map(|memory| Written { memory, disks: Vec::new() }).map_err(|e| error_chain(&e));
-        Ok((state, (disks, disk_bytes_copied), None, Some(written)))
+        Ok((state, (disks, disk_bytes_copied), hooks, None, Some(written)))
     }
 
     /// Writes the state and the manifest once memory is written, and makes

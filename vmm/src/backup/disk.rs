@@ -18,7 +18,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -53,6 +53,9 @@ pub(crate) struct DiskJob {
     pub(crate) parent_index_crc: Option<u32>,
     /// Brings the blocks into the staging file.
     pub(crate) copy: Arc<CopyOut>,
+    /// The staging file is the result (a live snapshot's copy of the
+    /// disk): no checkpoint is written and the file is kept.
+    pub(crate) raw: bool,
 }
 
 // Block states, one byte per block in memory shared by the VMM and the
@@ -155,7 +158,7 @@ impl CopyOut {
                 needed_bytes += DISK_BLOCK_SIZE.min(size - block * DISK_BLOCK_SIZE);
             }
         }
-        let out = OpenOptions::new().read(true).write(true).create_new(true).open(staging)?;
+        let out = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(staging)?;
         out.set_len(size)?;
         Ok(Arc::new(CopyOut {
             states,
@@ -251,6 +254,45 @@ impl CopyOut {
             }
         }
         self.staging.sync_data().map_err(|e| failed(self.blocks, e.to_string()))
+    }
+}
+
+/// The copy-before-write hooks of one snapshot or backup, each on its
+/// disk's tracker; dropped when it is over, done or failed, after which
+/// writes go straight through.
+#[derive(Default)]
+pub(crate) struct CopyHooks(Vec<(Arc<changed::ChangedBlocks>, Arc<CopyOut>)>);
+
+impl CopyHooks {
+    /// Hooks `copy` into `changed` (the disk's write path).
+    pub(crate) fn add(&mut self, changed: &Arc<changed::ChangedBlocks>, copy: &Arc<CopyOut>) {
+        changed.set_before_write(Some(Arc::clone(copy) as Arc<dyn BeforeWrite>));
+        self.0.push((Arc::clone(changed), Arc::clone(copy)));
+    }
+
+    /// Names the forked writer ([`CopyOut::set_writer`]).
+    pub(crate) fn set_writer(&self, pid: libc::pid_t) {
+        for (_, copy) in &self.0 {
+            copy.set_writer(pid);
+        }
+    }
+
+    /// The disk data the copies take, in bytes.
+    pub(crate) fn needed_bytes(&self) -> u64 {
+        self.0.iter().map(|(_, c)| c.needed_bytes()).sum()
+    }
+
+    /// Blocks copied ahead of the guest's writes.
+    pub(crate) fn copied_before_write(&self) -> u64 {
+        self.0.iter().map(|(_, c)| c.copied_before_write()).sum()
+    }
+}
+
+impl Drop for CopyHooks {
+    fn drop(&mut self) {
+        for (changed, _) in &self.0 {
+            changed.set_before_write(None);
+        }
     }
 }
 
@@ -398,6 +440,9 @@ pub(crate) fn zero_crc(len: usize) -> u32 {
 /// the staging file. Runs in the forked writer.
 pub(crate) fn write_job(job: &DiskJob) -> Result<WriteStats, String> {
     job.copy.copy_all()?;
+    if job.raw {
+        return Ok(WriteStats::default());
+    }
     let file = File::open(&job.staging).map_err(|e| format!("cannot open {}: {e}", job.staging.display()))?;
     let data = data_blocks(&file, job.size);
     let compared;
@@ -511,7 +556,7 @@ mod tests {
         let job = |name: &str, blocks: DiskBlocks, parent: Option<u32>| {
             let staging = dir.path().join(format!("{name}.raw"));
             let copy = CopyOut::prepare(&f, size, &blocks, &staging).expect("prepare");
-            DiskJob { staging, out: dir.path().join(format!("{name}.ckpt")), size, blocks, parent_index_crc: parent, copy }
+            DiskJob { staging, out: dir.path().join(format!("{name}.ckpt")), size, blocks, parent_index_crc: parent, copy, raw: false }
         };
         let image = |f: &File| {
             let mut v = vec![0u8; size as usize];
@@ -578,6 +623,7 @@ mod tests {
             blocks: DiskBlocks::All,
             parent_index_crc: None,
             copy: Arc::clone(&copy),
+            raw: false,
         };
         // The guest overwrites the last four blocks before the writer
         // starts, then every block, last first, while the writer copies

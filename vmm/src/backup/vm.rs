@@ -10,7 +10,7 @@ use std::time::Instant;
 use super::disk::{CopyOut, DiskBlocks, DiskJob};
 use super::{default_state_dir, disk_file_name, sequence_name, Entry, RetiredRecord, Store, StoreLock};
 use crate::checkpoint::{writer::DEFAULT_MEMORY_BLOCK_SIZE, Reader, WriteStats};
-use crate::devices::virtio::block::changed::{BeforeWrite, ChangedBlocks};
+use crate::devices::virtio::block::changed::ChangedBlocks;
 use crate::error_chain;
 use crate::persist::{self, Identity, ParentRef, SnapshotWriter};
 use crate::vmm::{Begun, Finishing, SnapshotReport, Vmm, VmmError};
@@ -54,23 +54,20 @@ pub struct BackupCapture {
     /// Filled in the pause: the blocks taken from each disk's tracker,
     /// given back if the backup fails.
     taken: Vec<(Arc<ChangedBlocks>, Vec<u64>)>,
-    /// Filled in the pause: each disk's copy-before-write, hooked into its
-    /// tracker until the backup ends.
-    copies: Vec<(Arc<ChangedBlocks>, Arc<CopyOut>)>,
 }
 
 impl BackupCapture {
-    /// In the pause: marks what disk `index` needs, hooks its copy before
-    /// the guest's writes and queues its checkpoint; returns the
-    /// checkpoint's name and the bytes copied in the pause (none: the
-    /// writer and the hook copy them while the guest runs).
+    /// In the pause: marks what disk `index` needs and queues its
+    /// checkpoint; returns the checkpoint's name and the copy, which the
+    /// caller hooks into the disk's writes (nothing is copied in the
+    /// pause: the writer and the hook copy while the guest runs).
     pub(crate) fn stage_disk(
         &mut self,
         writer: &SnapshotWriter,
         index: usize,
         file: &File,
         changed: &Arc<ChangedBlocks>,
-    ) -> std::io::Result<(String, u64)> {
+    ) -> std::io::Result<(String, Arc<CopyOut>)> {
         let bits = changed.take();
         self.taken.push((Arc::clone(changed), bits.clone()));
         let size = file.metadata()?.len();
@@ -82,11 +79,10 @@ impl BackupCapture {
         let name = disk_file_name(index);
         let staging = writer.file_path(&format!(".disk{index}.staging"));
         let copy = CopyOut::prepare(file, size, &blocks, &staging)?;
-        changed.set_before_write(Some(Arc::clone(&copy) as Arc<dyn BeforeWrite>));
-        self.copies.push((Arc::clone(changed), Arc::clone(&copy)));
         let parent_index_crc = if self.mode == BackupMode::Full { None } else { self.parents.get(index).copied().flatten() };
-        self.jobs.push(DiskJob { staging, out: writer.file_path(&name), size, blocks, parent_index_crc, copy });
-        Ok((name, 0))
+        let job = DiskJob { staging, out: writer.file_path(&name), size, blocks, parent_index_crc, copy: Arc::clone(&copy), raw: false };
+        self.jobs.push(job);
+        Ok((name, copy))
     }
 }
 
@@ -102,16 +98,6 @@ pub struct BackupFinish {
     /// Pages changed since the previous backup, given back on failure.
     memory_taken: Option<DirtyPages>,
     disks_taken: Vec<(Arc<ChangedBlocks>, Vec<u64>)>,
-    copies: Vec<(Arc<ChangedBlocks>, Arc<CopyOut>)>,
-}
-
-impl Drop for BackupFinish {
-    /// The backup is over, done or failed: writes go straight through.
-    fn drop(&mut self) {
-        for (changed, _) in &self.copies {
-            changed.set_before_write(None);
-        }
-    }
 }
 
 /// A backup's figures.
@@ -195,7 +181,6 @@ impl Vmm {
             memory_compare: None,
             jobs: Vec::new(),
             taken: Vec::new(),
-            copies: Vec::new(),
         };
         let mut parent = None;
         if let (Some(previous), false) = (entries.last(), full) {
@@ -247,15 +232,9 @@ impl Vmm {
             mode: capture.mode,
             memory_taken,
             disks_taken: std::mem::take(&mut capture.taken),
-            copies: std::mem::take(&mut capture.copies),
         };
-        if let Ok((_, _, Some(child), _)) = &captured {
-            for (_, copy) in &finish.copies {
-                copy.set_writer(child.pid());
-            }
-        }
         match captured {
-            Ok((state, disks, child, memory)) => Ok(Begun {
+            Ok((state, disks, disk_hooks, child, memory)) => Ok(Begun {
                 writer,
                 finishing: Finishing {
                     identity,
@@ -267,6 +246,7 @@ impl Vmm {
                     paused_at,
                     started,
                     memory,
+                    disk_hooks,
                     backup: Some(finish),
                 },
                 child,
@@ -320,8 +300,8 @@ impl Vmm {
     }
 
     /// Gives back what a failed backup took, so the next one still copies it.
-    fn give_back_backup(&mut self, mut finish: BackupFinish) {
-        self.dirty.give_back_backup(finish.memory_taken.take());
+    fn give_back_backup(&mut self, finish: BackupFinish) {
+        self.dirty.give_back_backup(finish.memory_taken);
         for (changed, bits) in &finish.disks_taken {
             changed.give_back(bits);
         }
@@ -380,8 +360,8 @@ impl Vmm {
                 disks: written.disks,
                 bytes_written,
                 state_dir: finish.state_dir.clone(),
-                disk_bytes_copied: finish.copies.iter().map(|(_, c)| c.needed_bytes()).sum(),
-                disk_blocks_copied_before_write: finish.copies.iter().map(|(_, c)| c.copied_before_write()).sum(),
+                disk_bytes_copied: finishing.disk_hooks.needed_bytes(),
+                disk_blocks_copied_before_write: finishing.disk_hooks.copied_before_write(),
             }),
         })
     }
