@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use serde_json::{Map, Value};
@@ -50,6 +50,10 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
 /// Connections served at once; more are answered with an error and closed.
 const MAX_CONNECTIONS: usize = 16;
+
+/// How long a connection must have been idle before a new client, finding
+/// every place taken, closes it to take its place.
+const IDLE_EVICTABLE: Duration = Duration::from_secs(1);
 
 /// How long a write to a client may block before the connection is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -324,11 +328,21 @@ struct Shared {
     connections: Mutex<Connections>,
 }
 
-/// The open connections, so a shutdown can wake their readers.
+/// The open connections, so a shutdown can wake their readers and a new
+/// client can take the place of an idle one.
 #[derive(Default)]
 struct Connections {
     next_id: u64,
-    open: HashMap<u64, UnixStream>,
+    open: HashMap<u64, Open>,
+}
+
+/// One open connection.
+struct Open {
+    stream: UnixStream,
+    /// When its last request was answered (or it connected).
+    idle_since: Instant,
+    /// Whether a request of it is being handled.
+    busy: bool,
 }
 
 impl Shared {
@@ -347,8 +361,8 @@ impl Shared {
     fn stop(&self) {
         let connections = self.connections();
         self.stopping.store(true, Ordering::SeqCst);
-        for stream in connections.open.values() {
-            if let Err(e) = stream.shutdown(std::net::Shutdown::Read) {
+        for open in connections.open.values() {
+            if let Err(e) = open.stream.shutdown(std::net::Shutdown::Read) {
                 debug!("cannot shut down an API connection: {e}");
             }
         }
@@ -361,7 +375,22 @@ impl Shared {
             return Err("the VMM is shutting down");
         }
         if connections.open.len() >= MAX_CONNECTIONS {
-            return Err("too many API connections are open; try again later");
+            // The connection idle the longest makes room, if it has been
+            // idle a while: clients that connect and send nothing, or
+            // stop, cannot lock the others out.
+            let idlest = connections
+                .open
+                .iter()
+                .filter(|(_, open)| !open.busy && open.idle_since.elapsed() >= IDLE_EVICTABLE)
+                .min_by_key(|(_, open)| open.idle_since)
+                .map(|(&id, _)| id);
+            let Some(idlest) = idlest else {
+                return Err("too many API connections are busy; try again later");
+            };
+            if let Some(open) = connections.open.remove(&idlest) {
+                info!("closing the API connection idle the longest to serve a new one");
+                let _ = open.stream.shutdown(std::net::Shutdown::Both);
+            }
         }
         let clone = stream.try_clone().map_err(|e| {
             warn!("cannot register an API connection: {e}");
@@ -369,8 +398,16 @@ impl Shared {
         })?;
         let id = connections.next_id;
         connections.next_id += 1;
-        connections.open.insert(id, clone);
+        connections.open.insert(id, Open { stream: clone, idle_since: Instant::now(), busy: false });
         Ok(id)
+    }
+
+    /// Marks connection `id` as handling a request, or as idle from now.
+    fn set_busy(&self, id: u64, busy: bool) {
+        if let Some(open) = self.connections().open.get_mut(&id) {
+            open.busy = busy;
+            open.idle_since = Instant::now();
+        }
     }
 
     fn unregister(&self, id: u64) {
@@ -533,7 +570,7 @@ fn spawn_connection<T: From<ApiCall> + Send + 'static>(
     let thread_shared = Arc::clone(shared);
     let calls = calls.clone();
     let spawned = thread::Builder::new().name("api-conn".into()).spawn(move || {
-        serve_connection(stream, &thread_shared, &calls);
+        serve_connection(stream, id, &thread_shared, &calls);
         thread_shared.unregister(id);
     });
     match spawned {
@@ -590,7 +627,7 @@ fn read_line_bounded(reader: &mut impl BufRead, max: usize) -> io::Result<Line> 
 }
 
 /// Serves the requests of one connection in order until it closes.
-fn serve_connection<T: From<ApiCall>>(stream: UnixStream, shared: &Shared, calls: &Sender<T>) {
+fn serve_connection<T: From<ApiCall>>(stream: UnixStream, id: u64, shared: &Shared, calls: &Sender<T>) {
     let mut writer = match stream.try_clone() {
         Ok(writer) => writer,
         Err(e) => {
@@ -617,8 +654,11 @@ fn serve_connection<T: From<ApiCall>>(stream: UnixStream, shared: &Shared, calls
             }
         };
         if !line.trim_ascii().is_empty() {
+            shared.set_busy(id, true);
             let reply = handle_line(&line, shared, calls);
-            if let Err(e) = write_reply(&mut writer, reply) {
+            let written = write_reply(&mut writer, reply);
+            shared.set_busy(id, false);
+            if let Err(e) = written {
                 debug!("cannot write an API reply: {e}");
                 return;
             }
@@ -1286,6 +1326,71 @@ mod tests {
         assert_eq!(error_of(&reply), r#"unknown field "force" in a pause request"#);
         drop(client);
         assert!(stop(server, vmm).is_empty());
+    }
+
+    #[test]
+    fn clients_that_send_nothing_fill_no_place_for_good() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (server, vmm) = echo_server(&dir);
+        // Every place taken by a client that sends nothing.
+        let mut silent: Vec<RawClient> = (0..MAX_CONNECTIONS).map(|_| RawClient::connect(server.path())).collect();
+        thread::sleep(IDLE_EVICTABLE + Duration::from_millis(200));
+        // A new client is served: the idlest silent one made room.
+        let mut client = RawClient::connect(server.path());
+        assert_eq!(client.ask(r#"{"op":"status"}"#).get("did"), Some(&Value::from("status")));
+        let closed = silent
+            .iter_mut()
+            .filter_map(|c| {
+                c.reader.get_ref().set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+                c.closed().then_some(())
+            })
+            .count();
+        assert_eq!(closed, 1, "exactly one idle client was closed");
+        drop((client, silent));
+        assert_eq!(stop(server, vmm), vec![ApiRequest::Status]);
+    }
+
+    #[test]
+    fn half_lines_deaf_clients_and_many_clients_do_not_hold_up_the_others() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (server, vmm) = echo_server(&dir);
+        // Half a request, then gone.
+        let mut half = RawClient::connect(server.path());
+        half.send(br#"{"op":"sta"#);
+        drop(half);
+        // A client that sends requests and never reads its replies: its
+        // own connection stalls, then is dropped after the write timeout.
+        let deaf = UnixStream::connect(server.path()).expect("connect");
+        let deaf_writer = {
+            let mut deaf = deaf.try_clone().expect("clone");
+            thread::spawn(move || {
+                let line = b"{\"op\":\"status\"}\n".repeat(1024);
+                for _ in 0..512 {
+                    if deaf.write_all(&line).is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        // Meanwhile, eight clients at once, twenty requests each.
+        let path = server.path().to_path_buf();
+        let started = Instant::now();
+        let workers: Vec<_> = (0..8)
+            .map(|_| {
+                let path = path.clone();
+                thread::spawn(move || {
+                    let mut client = RawClient::connect(&path);
+                    (0..20).filter(|_| client.ask(r#"{"op":"pause"}"#).get("did") == Some(&Value::from("pause"))).count()
+                })
+            })
+            .collect();
+        let answered: usize = workers.into_iter().map(|w| w.join().expect("client")).sum();
+        assert_eq!(answered, 160, "every request of the well-behaved clients was answered");
+        assert!(started.elapsed() < WRITE_TIMEOUT, "the well-behaved clients waited for the deaf one");
+        deaf.shutdown(std::net::Shutdown::Both).expect("shutdown");
+        deaf_writer.join().expect("deaf writer");
+        let seen = stop(server, vmm);
+        assert_eq!(seen.iter().filter(|r| **r == ApiRequest::Pause).count(), 160);
     }
 
     #[test]
