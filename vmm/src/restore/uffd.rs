@@ -83,9 +83,9 @@ const MAX_TIMED_FAULTS: usize = 1 << 20;
 /// Errors while setting up lazy memory.
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
-    /// The userfaultfd could not be created.
-    #[error("cannot create a userfaultfd (needs root or vm.unprivileged_userfaultfd=1)")]
-    Create(#[source] userfaultfd::Error),
+    /// The userfaultfd could not be created; the text says what to change.
+    #[error("cannot create a userfaultfd for lazy restore: {0}")]
+    Create(String, #[source] userfaultfd::Error),
     /// Registering guest memory with it failed.
     #[error("cannot register guest memory at {0:#x} with userfaultfd")]
     Register(u64, #[source] userfaultfd::Error),
@@ -365,7 +365,7 @@ impl LazyMemory {
             .non_blocking(true)
             .user_mode_only(false)
             .create()
-            .map_err(UffdError::Create)?;
+            .map_err(|e| UffdError::Create(create_hint(&e), e))?;
         let mut regions = Vec::new();
         for region in mem.iter() {
             let gpa = region.start_addr().0;
@@ -1178,6 +1178,21 @@ pub fn load_eager(mem: &GuestMemoryMmap, reader: &Reader) -> Result<(), UffdErro
     reader.read_all_parallel(0, &sink).map_err(|e| UffdError::Load(error_chain(&e)))
 }
 
+/// What to change when creating a userfaultfd fails for lack of rights.
+fn create_hint(error: &userfaultfd::Error) -> String {
+    const EAGER: &str = "or restore with --memory eager";
+    match error {
+        userfaultfd::Error::OpenDevUserfaultfd(e) if e.kind() == std::io::ErrorKind::PermissionDenied => format!(
+            "this user may not open /dev/userfaultfd; give it read and write access (a group or a udev rule), run as root, {EAGER}"
+        ),
+        userfaultfd::Error::SystemError(nix::errno::Errno::EPERM) => format!(
+            "the kernel refuses userfaultfd to this user; set the sysctl vm.unprivileged_userfaultfd=1, give it access \
+             to /dev/userfaultfd (Linux 6.1 or later), run as root, {EAGER}"
+        ),
+        other => format!("{other}; {EAGER}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The handler serves faults from this process's own threads the same
@@ -1413,5 +1428,13 @@ mod tests {
         assert_eq!(saved, WorkingSet { blocks: vec![41, 30, 2], window_ms: 1500 });
         assert_eq!(read(&mem, 0, MEM), image);
         assert!(failed.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_missing_right_to_userfaultfd_names_what_to_change() {
+        let dev = userfaultfd::Error::OpenDevUserfaultfd(std::io::Error::from_raw_os_error(libc::EACCES));
+        assert!(create_hint(&dev).contains("/dev/userfaultfd") && create_hint(&dev).contains("--memory eager"));
+        let sysctl = userfaultfd::Error::SystemError(nix::errno::Errno::EPERM);
+        assert!(create_hint(&sysctl).contains("vm.unprivileged_userfaultfd=1"), "{}", create_hint(&sysctl));
     }
 }
