@@ -874,9 +874,12 @@ impl Vmm {
     /// disks, and memory (written, or handed to a forked writer, after
     /// which the vCPUs run again unless they were paused before).
     ///
-    /// A backup (`backup`) copies out the disks' blocks it needs for its
-    /// disk checkpoints instead of whole disks, and compares memory with
-    /// its retired record when tracking was lost.
+    /// Disks of a live snapshot or a backup are not copied here: their
+    /// blocks are marked and hooked (`CopyHooks`), and the writer copies
+    /// them while the guest runs, each before the guest overwrites it; a
+    /// backup (`backup`) marks only the blocks its disk checkpoints need
+    /// and compares memory with its retired record when tracking was lost.
+    /// A stop-the-world snapshot copies whole disks in the pause.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn capture(
         &mut self,
