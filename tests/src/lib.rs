@@ -201,14 +201,22 @@ pub fn run_in_kvm_host_carrying(test_name: &str, files: &[&str]) -> bool {
     let root = repo_root();
     // RUST_LOG reaches the stasis processes inside, for debugging.
     let log = format!("RUST_LOG={}", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
+    // And STASIS_SECCOMP (`log` lists calls missing from the filters).
+    let seccomp = format!("STASIS_SECCOMP={}", std::env::var("STASIS_SECCOMP").unwrap_or_default());
     let run = || {
-        Command::new(root.join("scripts/testhost"))
-            .args(["--cpus", TESTHOST_CPUS])
+        let mut testhost = Command::new(root.join("scripts/testhost"));
+        testhost.args(["--cpus", TESTHOST_CPUS]);
+        // Long runs (the fault campaign's long form) need more than the
+        // test host's default bound.
+        if let Ok(seconds) = std::env::var("STASIS_E2E_TESTHOST_TIMEOUT") {
+            testhost.args(["--timeout", &seconds]);
+        }
+        testhost
             .arg("--file")
             .arg(&exe)
             .args(files.iter().flat_map(|f| ["--file", f]))
             .arg("--")
-            .args(["env", "STASIS_E2E_RUNNER=direct", "RUST_BACKTRACE=1", &log])
+            .args(["env", "STASIS_E2E_RUNNER=direct", "RUST_BACKTRACE=1", &log, &seccomp])
             .arg(&exe)
             .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
             .current_dir(&root)
@@ -250,7 +258,11 @@ pub fn stasis_command(args: &[String], extra_files: &[&str]) -> Command {
             for f in extra_files {
                 c.arg("--file").arg(f);
             }
-            c.arg("--").arg("target/release/stasis").args(args);
+            c.arg("--");
+            if let Ok(mode) = std::env::var("STASIS_SECCOMP") {
+                c.arg("env").arg(format!("STASIS_SECCOMP={mode}"));
+            }
+            c.arg("target/release/stasis").args(args);
             c
         }
     };
@@ -318,6 +330,12 @@ impl Guest {
         }
         assert_eq!(pipes, 2, "child pipes missing");
         Guest { stdin: child.stdin.take(), child: Mutex::new(child), output, started: Instant::now() }
+    }
+
+    /// The process id of the VMM (under the direct runner; of the test
+    /// host's script otherwise).
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap_or_else(|e| e.into_inner()).id()
     }
 
     /// Everything printed so far (stdout and stderr interleaved), lossily
@@ -513,8 +531,10 @@ impl Drop for Guest {
 
 fn pump(mut pipe: Box<dyn Read + Send>, output: &(Mutex<Output>, Condvar)) {
     let mut buf = [0u8; 4096];
+    let mut line = Vec::new();
     loop {
         let n = pipe.read(&mut buf).unwrap_or(0);
+        echo_seccomp_lines(&mut line, &buf[..n]);
         let (lock, cond) = output;
         let mut out = lock.lock().expect("output lock");
         if n == 0 {
@@ -525,6 +545,24 @@ fn pump(mut pipe: Box<dyn Read + Send>, output: &(Mutex<Output>, Condvar)) {
         }
         out.bytes.extend_from_slice(&buf[..n]);
         cond.notify_all();
+    }
+}
+
+/// Passes the VMM's seccomp lines (`stasis: seccomp: …`, docs/seccomp.md)
+/// on to the test's stderr as they come, whatever the test does with the
+/// rest of the output: a call missing from a filter's list is named in
+/// the test's log even when the test fails for another reason first.
+fn echo_seccomp_lines(line: &mut Vec<u8>, bytes: &[u8]) {
+    line.extend_from_slice(bytes);
+    while let Some(end) = line.iter().position(|b| *b == b'\n') {
+        let text = String::from_utf8_lossy(&line[..end]).into_owned();
+        if text.contains("stasis: seccomp:") {
+            eprintln!("{}", text.trim_end());
+        }
+        line.drain(..=end);
+    }
+    if line.len() > 64 * 1024 {
+        line.clear();
     }
 }
 

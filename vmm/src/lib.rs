@@ -13,6 +13,7 @@ pub mod devices;
 pub mod layout;
 pub mod persist;
 pub mod restore;
+pub mod seccomp;
 pub mod snapshot;
 pub mod terminal;
 pub mod vmm;

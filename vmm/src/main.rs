@@ -15,6 +15,7 @@ use stasis::content::service::ContentConfig;
 use stasis::content::store::Store;
 use stasis::content::ContentId;
 use stasis::error_chain;
+use stasis::seccomp::Mode as SeccompMode;
 
 #[derive(Debug, Parser)]
 #[command(name = "stasis", version, about = "Boot, checkpoint and lazily resume KVM guests")]
@@ -87,6 +88,40 @@ struct BootArgs {
     rng: OnOff,
     #[command(flatten)]
     content: ContentArgs,
+    #[command(flatten)]
+    seccomp: SeccompArgs,
+}
+
+/// Seccomp options of `boot` and `restore` (docs/seccomp.md).
+#[derive(Debug, clap::Args)]
+struct SeccompArgs {
+    /// What a VMM thread's system call outside its filter's list does:
+    /// `enforce` kills the process, `trap` names the call and exits with
+    /// status 1, `log` names it and lets it through, `off` has no filters
+    /// [default: $STASIS_SECCOMP, else enforce].
+    #[arg(long, value_name = "MODE", value_parser = ["enforce", "trap", "log", "off"])]
+    seccomp: Option<String>,
+    /// No seccomp filters (the same as `--seccomp off`), for debugging.
+    #[arg(long, conflicts_with = "seccomp")]
+    no_seccomp: bool,
+}
+
+impl SeccompArgs {
+    /// Compiles the filters the VMM's threads will install.
+    fn init(&self) -> Result<(), Box<dyn std::error::Error>> {
+        let mode = if self.no_seccomp {
+            SeccompMode::Off
+        } else if let Some(mode) = &self.seccomp {
+            mode.parse()?
+        } else {
+            match std::env::var("STASIS_SECCOMP") {
+                Ok(mode) if !mode.is_empty() => mode.parse().map_err(|e| format!("STASIS_SECCOMP: {e}"))?,
+                _ => SeccompMode::Enforce,
+            }
+        };
+        stasis::seccomp::init(mode)?;
+        Ok(())
+    }
 }
 
 /// Content provisioning options of `boot` and `restore`.
@@ -259,6 +294,8 @@ struct RestoreArgs {
     vsock_uds: Option<PathBuf>,
     #[command(flatten)]
     content: ContentArgs,
+    #[command(flatten)]
+    seccomp: SeccompArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -420,6 +457,7 @@ fn boot(args: BootArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         matches!(args.rng, OnOff::On),
     )?;
     config.content = args.content.config()?;
+    args.seccomp.init()?;
     let mut vmm = builder::build_microvm_for_boot(&config)?;
     vmm.set_snapshot_progress(progress_bar());
     let (result, _) = vmm.run(args.api_sock.as_deref());
@@ -484,6 +522,7 @@ fn restore(args: RestoreArgs, start: Instant) -> Result<ExitCode, Box<dyn std::e
         DiskSourceArg::Original => DiskSource::Original,
     };
     let options = RestoreOptions { memory, disks, vsock_uds: args.vsock_uds, content: args.content.config()? };
+    args.seccomp.init()?;
     let mut vmm = builder::build_microvm_from_snapshot(&args.dir, &options, start)?;
     vmm.set_snapshot_progress(progress_bar());
     let (result, report) = vmm.run(args.api_sock.as_deref());

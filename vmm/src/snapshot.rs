@@ -311,9 +311,11 @@ pub(crate) fn fork_writer(
             }
         }
         log::set_max_level(log::LevelFilter::Off);
-        let written = source
-            .scan_touched()
-            .map_err(|e| format!("cannot read /proc/self/pagemap: {e}"))
+        // Confined before reading the guest's memory: the writer's filter
+        // under the main thread's, inherited through the fork.
+        let written = crate::seccomp::confine(crate::seccomp::ThreadKind::Writer)
+            .map_err(|e| e.to_string())
+            .and_then(|()| source.scan_touched().map_err(|e| format!("cannot read /proc/self/pagemap: {e}")))
             .and_then(|()| checkpoint::write_checkpoint(&path, &source, &options, &mut |_, _| {}).map_err(|e| error_chain(&e)))
             .and_then(|memory| {
                 let disks = disks.iter().map(crate::backup::disk::write_job).collect::<Result<Vec<_>, _>>()?;

@@ -42,6 +42,9 @@ use crate::vstate::vm::{self, VmStateError};
 /// Errors while a VM runs, pauses or is snapshotted.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
+    /// Confining the main thread.
+    #[error(transparent)]
+    Seccomp(crate::seccomp::SeccompError),
     /// A vCPU.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -432,6 +435,7 @@ fn spawn_stdin_reader(serial: Arc<Mutex<Console>>) -> Result<(), VmmError> {
     thread::Builder::new()
         .name(name.clone())
         .spawn(move || {
+            crate::seccomp::confine_or_exit(crate::seccomp::ThreadKind::Device);
             let mut stdin = std::io::stdin().lock();
             let mut buf = [0u8; 256];
             loop {
@@ -520,6 +524,8 @@ impl Vmm {
         // function returns, however it returns.
         let _terminal = RawTerminal::enter()?;
         self.start()?;
+        // Every other thread runs confined by now; this one from here on.
+        crate::seccomp::confine(crate::seccomp::ThreadKind::Main).map_err(VmmError::Seccomp)?;
         let ended = self.serve();
         // A live snapshot's memory is that of its pause instant: it is
         // finished even when the guest ended meanwhile.

@@ -456,7 +456,10 @@ impl LazyMemory {
             let shared = shared.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("mem-loader{i}"))
-                .spawn(move || shared.loader_thread())
+                .spawn(move || {
+                    crate::seccomp::confine_or_exit(crate::seccomp::ThreadKind::PageFault);
+                    shared.loader_thread()
+                })
                 .map_err(UffdError::Spawn)?;
             lazy.threads.push(thread);
         }
@@ -471,6 +474,7 @@ impl LazyMemory {
         let thread = std::thread::Builder::new()
             .name("uffd-handler".into())
             .spawn(move || {
+                crate::seccomp::confine_or_exit(crate::seccomp::ThreadKind::PageFault);
                 if let Err(msg) = handler.run(&control_rx) {
                     log::error!("{msg}");
                     let _ = failures.send(T::from(MemoryFailure(msg)));

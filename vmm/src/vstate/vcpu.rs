@@ -596,6 +596,7 @@ impl Vcpu {
         let (req_tx, req_rx) = channel();
         let (resp_tx, resp_rx) = channel();
         let thread = std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || {
+            crate::seccomp::confine_or_exit(crate::seccomp::ThreadKind::Vcpu);
             let mut vcpu = self;
             let stop = vcpu.run_loop(&bus, &mmio, &mem, &msr_indices, &req_rx, &resp_tx);
             if let Some(stop) = stop {

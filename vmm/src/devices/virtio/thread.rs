@@ -45,7 +45,10 @@ impl DeviceThread {
             backend = t.device().backend_fd();
         }
         add(&epoll, stop.as_raw_fd(), TOKEN_STOP)?;
-        let handle = std::thread::Builder::new().name(name).spawn(move || serve(&epoll, &transport, backend))?;
+        let handle = std::thread::Builder::new().name(name).spawn(move || {
+            crate::seccomp::confine_or_exit(crate::seccomp::ThreadKind::Device);
+            serve(&epoll, &transport, backend)
+        })?;
         Ok(DeviceThread { stop, handle: Some(handle) })
     }
 }
