@@ -39,6 +39,8 @@ use serde_json::{Map, Value};
 
 use crate::content::ContentId;
 
+pub mod fuzzing;
+
 /// The longest request line the server reads, newline excluded.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
@@ -262,7 +264,10 @@ impl ApiServer {
         let thread_shared = Arc::clone(&shared);
         let thread = thread::Builder::new()
             .name("api-server".into())
-            .spawn(move || accept_loop(listener, woken, thread_shared, calls))
+            .spawn(move || {
+                crate::seccomp::confine_or_exit(crate::seccomp::ThreadKind::Api);
+                accept_loop(listener, woken, thread_shared, calls)
+            })
             .map_err(ApiError::SpawnThread)?;
         info!("API server listening on {}", path.display());
         Ok(ApiServer { path: path.to_owned(), identity, shared, wake: Some(wake), thread: Some(thread) })
@@ -628,14 +633,19 @@ fn read_line_bounded(reader: &mut impl BufRead, max: usize) -> io::Result<Line> 
 
 /// Serves the requests of one connection in order until it closes.
 fn serve_connection<T: From<ApiCall>>(stream: UnixStream, id: u64, shared: &Shared, calls: &Sender<T>) {
-    let mut writer = match stream.try_clone() {
+    let writer = match stream.try_clone() {
         Ok(writer) => writer,
         Err(e) => {
             warn!("cannot split an API connection: {e}");
             return;
         }
     };
-    let mut reader = BufReader::new(stream);
+    serve_stream(BufReader::new(stream), writer, id, shared, calls);
+}
+
+/// The connection loop over any byte stream (a socket; bytes in memory
+/// when fuzzed): reads bounded lines, answers each in turn.
+fn serve_stream<T: From<ApiCall>>(mut reader: impl BufRead, mut writer: impl Write, id: u64, shared: &Shared, calls: &Sender<T>) {
     loop {
         let (line, last) = match read_line_bounded(&mut reader, MAX_REQUEST_BYTES) {
             Ok(Line::Complete(line)) => (line, false),
