@@ -156,6 +156,8 @@ fn kvm_device_without_permission_is_refused() {
     assert!(!out.status.success(), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("no permission to open"), "{stderr}");
+    // It says who may open it: the file's group and mode.
+    assert!(stderr.contains("(group root, mode 0600)"), "{stderr}");
 }
 
 #[test]

@@ -31,8 +31,8 @@ pub enum VmError {
     #[error("{0} does not exist: this host has no KVM (load kvm_intel or kvm_amd, or run inside scripts/testhost)")]
     NoKvm(String),
     /// /dev/kvm exists but cannot be opened by this user.
-    #[error("no permission to open {0}: add this user to the kvm group or run as root")]
-    KvmPermission(String),
+    #[error("no permission to open {0} ({1}): add this user to that group (usermod -aG GROUP USER, then log in again) or run as root")]
+    KvmPermission(String, String),
     /// Opening /dev/kvm failed otherwise.
     #[error("cannot open {0}")]
     OpenKvm(String, #[source] std::io::Error),
@@ -76,6 +76,24 @@ pub enum VmError {
     RegisterIrqfd(u32, #[source] kvm_ioctls::Error),
 }
 
+/// "group kvm, mode 0660": who may open `path`, for the permission error.
+fn owner_and_mode(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else { return "its owner and mode unknown".into() };
+    let gid = meta.gid();
+    let group = std::fs::read_to_string("/etc/group")
+        .ok()
+        .and_then(|groups| {
+            groups.lines().find_map(|l| {
+                let mut fields = l.split(':');
+                let name = fields.next()?;
+                (fields.nth(1)?.parse::<u32>().ok()? == gid).then(|| name.to_string())
+            })
+        })
+        .unwrap_or_else(|| gid.to_string());
+    format!("group {group}, mode {:04o}", meta.mode() & 0o7777)
+}
+
 /// Opens the KVM device at `path` and checks what we need of it.
 pub fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
     let name = path.display().to_string();
@@ -86,7 +104,7 @@ pub fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
         .open(path)
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => VmError::NoKvm(name.clone()),
-            std::io::ErrorKind::PermissionDenied => VmError::KvmPermission(name.clone()),
+            std::io::ErrorKind::PermissionDenied => VmError::KvmPermission(name.clone(), owner_and_mode(path)),
             _ => VmError::OpenKvm(name.clone(), e),
         })?;
     // SAFETY: the fd was just opened by us and is owned by nothing else;
