@@ -203,6 +203,9 @@ pub fn run_in_kvm_host_carrying(test_name: &str, files: &[&str]) -> bool {
     let log = format!("RUST_LOG={}", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
     // And STASIS_SECCOMP (`log` lists calls missing from the filters).
     let seccomp = format!("STASIS_SECCOMP={}", std::env::var("STASIS_SECCOMP").unwrap_or_default());
+    // And the fault campaign's sizes (FAULT_CYCLES, …).
+    let campaign: Vec<String> =
+        std::env::vars().filter(|(k, _)| k.starts_with("FAULT_")).map(|(k, v)| format!("{k}={v}")).collect();
     let run = || {
         let mut testhost = Command::new(root.join("scripts/testhost"));
         testhost.args(["--cpus", TESTHOST_CPUS]);
@@ -217,6 +220,7 @@ pub fn run_in_kvm_host_carrying(test_name: &str, files: &[&str]) -> bool {
             .args(files.iter().flat_map(|f| ["--file", f]))
             .arg("--")
             .args(["env", "STASIS_E2E_RUNNER=direct", "RUST_BACKTRACE=1", &log, &seccomp])
+            .args(&campaign)
             .arg(&exe)
             .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
             .current_dir(&root)
@@ -381,7 +385,9 @@ impl Guest {
                     self.started.elapsed().as_secs_f64()
                 );
             }
-            out = cond.wait_timeout(out, deadline - now).expect("output lock").0;
+            // Output wakes this at once; a predicate on something else
+            // (a socket file appearing) is looked at again every 50 ms.
+            out = cond.wait_timeout(out, (deadline - now).min(Duration::from_millis(50))).expect("output lock").0;
         }
     }
 
