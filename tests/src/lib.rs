@@ -94,6 +94,33 @@ pub fn try_snapshot(sock: &Path, out: &Path, extra: &[&str]) -> (ExitStatus, Str
     )
 }
 
+/// Starts `stasis snapshot --api-sock SOCK --out OUT` in the background,
+/// its output piped, for a test that kills the VMM meanwhile.
+pub fn spawn_snapshot_client(sock: &Path, out: &Path) -> std::process::Child {
+    Command::new(stasis_bin())
+        .args(["snapshot", "--api-sock"])
+        .arg(sock)
+        .arg("--out")
+        .arg(out)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start stasis snapshot")
+}
+
+/// Restores `dir`, which must be refused up front: exit status 1, one
+/// `stasis: error:` line, no panic. Returns that line.
+pub fn assert_restore_refused(dir: &Path) -> String {
+    let restored = Guest::spawn(&["restore".into(), dir.to_str().expect("utf-8 path").to_string()]);
+    let (status, output) = restored.wait_exit(EXIT_TIMEOUT);
+    let errors: Vec<&str> = output.lines().filter(|l| l.starts_with("stasis: error: ")).collect();
+    assert_eq!(status.code(), Some(1), "restore of {}: {status}; output:\n{output}", dir.display());
+    assert_eq!(errors.len(), 1, "want one error line; output:\n{output}");
+    assert!(!output.contains("panicked"), "{output}");
+    errors[0].to_string()
+}
+
 /// `stasis status --api-sock SOCK`; checks it succeeded and returns the
 /// reply, parsed.
 pub fn status_json(sock: &Path) -> serde_json::Value {

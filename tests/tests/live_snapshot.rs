@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use stasis_e2e::{
-    boot_args, complete_lines, run_in_kvm_host, scratch, snapshot_json, stasis_bin, status_json, try_snapshot, Guest,
-    COMMAND_TIMEOUT, EXIT_TIMEOUT,
+    assert_restore_refused, boot_args, complete_lines, run_in_kvm_host, scratch, snapshot_json, spawn_snapshot_client,
+    stasis_bin, status_json, try_snapshot, Guest, COMMAND_TIMEOUT,
 };
 
 /// Writing, changing and hashing tens of MiB under nested KVM.
@@ -490,16 +490,7 @@ fn sigkill_during_live_snapshot_keeps_the_previous_snapshot() {
             (guest, sock)
         });
         let n = dir.path().join(format!("n{delay_ms}"));
-        let client = Command::new(stasis_bin())
-            .args(["snapshot", "--api-sock"])
-            .arg(&sock)
-            .arg("--out")
-            .arg(&n)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start stasis snapshot");
+        let client = spawn_snapshot_client(&sock, &n);
         thread::sleep(Duration::from_millis(delay_ms));
         let (status, output) = guest.kill_vmm();
         assert_eq!(status.signal(), Some(9), "the VMM ended before it was killed ({status}); output:\n{output}");
@@ -519,13 +510,8 @@ fn sigkill_during_live_snapshot_keeps_the_previous_snapshot() {
             restored.poweroff();
         } else if n.exists() {
             // Whatever was left must be refused, in one line, up front.
-            let restored = Guest::spawn(&["restore".into(), text(&n)]);
-            let (status, output) = restored.wait_exit(EXIT_TIMEOUT);
-            let errors: Vec<&str> = output.lines().filter(|l| l.starts_with("stasis: error: ")).collect();
-            eprintln!("restore of the interrupted {}: {status}: {}", n.display(), output.trim());
-            assert_eq!(status.code(), Some(1), "restore of an interrupted snapshot: {status}; output:\n{output}");
-            assert_eq!(errors.len(), 1, "want one error line; output:\n{output}");
-            assert!(!output.contains("panicked"), "{output}");
+            let error = assert_restore_refused(&n);
+            eprintln!("restore of the interrupted {}: {error}", n.display());
         } else {
             eprintln!("{} is absent", n.display());
         }

@@ -354,6 +354,32 @@ pub struct SnapshotWriter {
     partial: PathBuf,
 }
 
+/// Whether no process `pid` exists (a staging directory's writer died).
+pub(crate) fn process_gone(pid: i32) -> bool {
+    // SAFETY: signal 0 only asks whether the process exists.
+    pid > 0 && unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
+/// Removes the staging directories `.NAME.partial-PID` in `parent` whose
+/// process is gone: a VMM killed in the middle of a snapshot into NAME
+/// leaves one. A live process of that id (even another's) keeps its own.
+fn remove_dead_partials(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.partial-");
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(pid) = file.to_str().and_then(|f| f.strip_prefix(&prefix)).and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if process_gone(pid) {
+            match fs::remove_dir_all(entry.path()) {
+                Ok(()) => log::info!("removed {}, left by a snapshot whose VMM died", entry.path().display()),
+                Err(e) => log::warn!("cannot remove {}, left by a snapshot whose VMM died: {e}", entry.path().display()),
+            }
+        }
+    }
+}
+
 impl SnapshotWriter {
     /// Checks `target` can take a snapshot and creates the partial
     /// directory beside it.
@@ -368,6 +394,7 @@ impl SnapshotWriter {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        remove_dead_partials(&parent, &name);
         let partial = parent.join(format!(".{name}.partial-{}", std::process::id()));
         if partial.exists() {
             fs::remove_dir_all(&partial).map_err(|e| PersistError::Write(partial.clone(), e))?;
@@ -622,6 +649,27 @@ mod tests {
     use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry};
 
     use super::*;
+
+    #[test]
+    fn staging_left_by_a_dead_vmm_goes_and_a_live_ones_stays() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A child that has exited and been reaped: its pid is gone.
+        let mut child = std::process::Command::new("true").spawn().expect("spawn true");
+        let dead = child.id();
+        child.wait().expect("wait");
+        let dead_partial = dir.path().join(format!(".snap.partial-{dead}"));
+        let live_partial = dir.path().join(format!(".snap.partial-{}", std::os::unix::process::parent_id()));
+        let other = dir.path().join(format!(".other.partial-{dead}"));
+        for d in [&dead_partial, &live_partial, &other] {
+            fs::create_dir(d).expect("mkdir");
+            fs::write(d.join("memory.ckpt"), b"half").expect("write");
+        }
+        let writer = SnapshotWriter::create(&dir.path().join("snap")).expect("create");
+        assert!(!dead_partial.exists(), "the dead writer's staging is still there");
+        assert!(live_partial.exists(), "a live process's staging was removed");
+        assert!(other.exists(), "another target's staging was removed");
+        drop(writer);
+    }
 
     fn sample_state() -> SnapshotState {
         let vcpu = VcpuState {

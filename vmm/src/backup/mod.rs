@@ -209,9 +209,7 @@ impl Store {
             if parse_sequence(seq).is_none() || pid <= 0 {
                 continue;
             }
-            // SAFETY: kill with signal 0 only checks that the process exists.
-            let gone = unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-            if gone {
+            if crate::persist::process_gone(pid) {
                 log::info!("removing {}, left by a backup that did not finish", item.path().display());
                 let _ = fs::remove_dir_all(item.path());
             }

@@ -170,11 +170,19 @@ fn mmio_round(mem: &std::fs::File, rng: &mut Rng) -> std::io::Result<u64> {
     for slot in 0..MMIO_SLOTS {
         let regs = Phys::map(mem, MMIO_BASE + slot * MMIO_SLOT, MMIO_SLOT as usize)?;
         for off in (0..0x200).step_by(4) {
-            regs.write32(off, rng.next() as u32);
+            // Never DRIVER_OK here: a device started on the random ring
+            // addresses written meanwhile would write into random guest
+            // RAM, and the guest, not the VMM, would die of it. (The
+            // queues round starts devices on rings it owns.)
+            let value = if off == STATUS { rng.next() as u32 & !4 } else { rng.next() as u32 };
+            regs.write32(off, value);
             let _ = regs.read32(off);
-            regs.write8(off + 1 + (rng.below(3) as usize), rng.next() as u8);
+            if off != STATUS {
+                regs.write8(off + 1 + (rng.below(3) as usize), rng.next() as u8);
+            }
             n += 3;
         }
+        regs.write32(STATUS, 0);
     }
     for _ in 0..256 {
         let page = (GAP.0 + rng.below(GAP.1 - GAP.0)) & !0xfff;
@@ -277,13 +285,15 @@ fn queues_round(mem: &std::fs::File, pages: &Pages, rng: &mut Rng) -> std::io::R
                 // Rings in three of our pages, or anywhere at all.
                 let base = (queue as usize) * 3;
                 for (k, reg) in [QUEUE_DESC, QUEUE_DRIVER, QUEUE_DEVICE].into_iter().enumerate() {
-                    // Never in RAM outside our pages, and a ring in one of
-                    // them (at most 16 bytes off) ends inside it: devices
-                    // write the used ring.
+                    // Never in RAM outside our pages. Only the used ring
+                    // (which the device writes) goes off its page's start,
+                    // by at most 16 bytes, and still ends inside the page;
+                    // a descriptor table or avail ring read off its start
+                    // would give the device descriptors we did not write.
                     let addr = match rng.below(10) {
                         0 => rng.next() | 1 << 40,
                         1 => GAP.0 + rng.below(GAP.1 - GAP.0),
-                        2 => pages.phys[base + k] + 1 + rng.below(16),
+                        2 if reg == QUEUE_DEVICE => pages.phys[base + k] + 1 + rng.below(16),
                         _ => pages.phys[base + k],
                     };
                     regs.write32(reg, addr as u32);
