@@ -27,8 +27,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use stasis_e2e::{
-    assert_restore_refused, boot_args, run_in_kvm_host, scratch, snapshot_json, spawn_snapshot_client, status_json,
-    try_snapshot, Guest, EXIT_TIMEOUT,
+    assert_restore_refused, boot_args, run_in_kvm_host, scratch, snapshot_json, spawn_snapshot_client, stasis_bin,
+    status_json, try_snapshot, Guest, EXIT_TIMEOUT,
 };
 
 /// Writing and hashing data under nested KVM.
@@ -109,8 +109,9 @@ struct Tally {
 }
 
 /// ENOSPC: a live snapshot into a 4 MiB tmpfs fails with a clear error,
-/// leaves nothing restorable behind, and the VM runs on.
-fn full_disk(dir: &Path, guest: &mut Guest, sock: &Path, cycle: u64) {
+/// leaves nothing restorable behind, and the VM runs on; the previous
+/// snapshot `prev` still verifies.
+fn full_disk(dir: &Path, guest: &mut Guest, sock: &Path, prev: &Path, cycle: u64) {
     let small = dir.join(format!("small{cycle}"));
     std::fs::create_dir(&small).expect("mkdir");
     let status = Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(&small).status().expect("mount");
@@ -126,6 +127,8 @@ fn full_disk(dir: &Path, guest: &mut Guest, sock: &Path, cycle: u64) {
     }
     assert_eq!(guest.query("ALIVE", "echo ALIVE=yes"), "yes");
     assert_eq!(status_json(sock)["state"], "running");
+    let verify = Command::new(stasis_bin()).args(["checkpoint", "verify"]).arg(prev.join("memory.ckpt")).output().expect("verify");
+    assert!(verify.status.success(), "the previous snapshot does not verify: {}", String::from_utf8_lossy(&verify.stderr));
     let _ = Command::new("umount").arg(&small).status();
 }
 
@@ -238,7 +241,7 @@ fn cycles_keep_the_data_through_every_fault() {
         if let Some((prev_dir, prev_sha)) = prev.clone() {
             match (cycle + shift) % 4 {
                 2 => {
-                    full_disk(dir.path(), &mut guest, &sock, cycle);
+                    full_disk(dir.path(), &mut guest, &sock, &prev_dir, cycle);
                     tally.enospc += 1;
                 }
                 3 => {
