@@ -94,6 +94,31 @@ pub fn try_snapshot(sock: &Path, out: &Path, extra: &[&str]) -> (ExitStatus, Str
     )
 }
 
+/// Boots the default guest with `extra` and an API socket `DIR/NAME.sock`;
+/// returns once the guest is ready and the socket is served.
+pub fn boot_with_api(dir: &Path, name: &str, extra: &[&str]) -> (Guest, PathBuf) {
+    let sock = dir.join(format!("{name}.sock"));
+    let mut args = boot_args("vmlinux", extra);
+    args.extend(["--api-sock".to_string(), sock.to_str().expect("utf-8 path").to_string()]);
+    let guest = Guest::spawn(&args);
+    guest.wait_ready();
+    guest.wait_until("the API socket", COMMAND_TIMEOUT, |_| sock.exists());
+    (guest, sock)
+}
+
+/// Restores `snap` with `extra` and an API socket `DIR/NAME.sock`;
+/// returns once the socket is served (the VMM serves it before the vCPUs
+/// run).
+pub fn restore_with_api(dir: &Path, snap: &Path, name: &str, extra: &[&str]) -> (Guest, PathBuf) {
+    let sock = dir.join(format!("{name}.sock"));
+    let mut args = vec!["restore".to_string(), snap.to_str().expect("utf-8 path").to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(["--api-sock".to_string(), sock.to_str().expect("utf-8 path").to_string()]);
+    let guest = Guest::spawn(&args);
+    guest.wait_until("the API socket", COMMAND_TIMEOUT, |_| sock.exists());
+    (guest, sock)
+}
+
 /// Starts `stasis snapshot --api-sock SOCK --out OUT` in the background,
 /// its output piped, for a test that kills the VMM meanwhile.
 pub fn spawn_snapshot_client(sock: &Path, out: &Path) -> std::process::Child {

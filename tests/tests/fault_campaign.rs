@@ -27,8 +27,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use stasis_e2e::{
-    assert_restore_refused, boot_args, run_in_kvm_host, scratch, snapshot_json, spawn_snapshot_client, stasis_bin,
-    status_json, try_snapshot, Guest, EXIT_TIMEOUT,
+    assert_restore_refused, boot_with_api as boot, restore_with_api as restore, run_in_kvm_host, scratch, snapshot_json,
+    spawn_snapshot_client, stasis_bin, status_json, try_snapshot, Guest, EXIT_TIMEOUT,
 };
 
 /// Writing and hashing data under nested KVM.
@@ -43,26 +43,6 @@ fn env_number(name: &str, default: u64) -> u64 {
 
 fn text(path: &Path) -> String {
     path.to_str().expect("utf-8 path").to_string()
-}
-
-fn boot(dir: &Path, name: &str, extra: &[&str]) -> (Guest, PathBuf) {
-    let sock = dir.join(format!("{name}.sock"));
-    let mut args = boot_args("vmlinux", extra);
-    args.extend(["--api-sock".to_string(), text(&sock)]);
-    let guest = Guest::spawn(&args);
-    guest.wait_ready();
-    guest.wait_until("the API socket", WORK_TIMEOUT, |_| sock.exists());
-    (guest, sock)
-}
-
-fn restore(dir: &Path, snap: &Path, name: &str, extra: &[&str]) -> (Guest, PathBuf) {
-    let sock = dir.join(format!("{name}.sock"));
-    let mut args = vec!["restore".to_string(), text(snap)];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args.extend(["--api-sock".to_string(), text(&sock)]);
-    let guest = Guest::spawn(&args);
-    guest.wait_until("the API socket", WORK_TIMEOUT, |_| sock.exists());
-    (guest, sock)
 }
 
 /// The sha256 of the guest's data file.

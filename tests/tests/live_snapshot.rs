@@ -12,7 +12,7 @@
 //! On hosts without hardware KVM each test re-runs itself inside the test
 //! host (one L1 CPU, 3 GiB), where the VMs and the clients share KVM.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use stasis_e2e::{
-    assert_restore_refused, boot_args, complete_lines, run_in_kvm_host, scratch, snapshot_json, spawn_snapshot_client,
-    stasis_bin, status_json, try_snapshot, Guest, COMMAND_TIMEOUT,
+    assert_restore_refused, boot_with_api as boot, complete_lines, restore_with_api as restore, run_in_kvm_host, scratch,
+    snapshot_json, spawn_snapshot_client, stasis_bin, status_json, try_snapshot, Guest, COMMAND_TIMEOUT,
 };
 
 /// Writing, changing and hashing tens of MiB under nested KVM.
@@ -49,34 +49,6 @@ const TICKER: &str =
 
 fn text(path: &Path) -> String {
     path.to_str().expect("utf-8 path").to_string()
-}
-
-/// Waits until the socket file exists (the VMM serves it before the vCPUs
-/// run).
-fn wait_for_socket(sock: &Path, guest: &Guest) {
-    guest.wait_until("the API socket", COMMAND_TIMEOUT, |_| sock.exists());
-}
-
-/// Boots the default guest with `extra` and an API socket named `name`.
-fn boot(dir: &Path, name: &str, extra: &[&str]) -> (Guest, PathBuf) {
-    let sock = dir.join(format!("{name}.sock"));
-    let mut args = boot_args("vmlinux", extra);
-    args.extend(["--api-sock".to_string(), text(&sock)]);
-    let guest = Guest::spawn(&args);
-    guest.wait_ready();
-    wait_for_socket(&sock, &guest);
-    (guest, sock)
-}
-
-/// Restores `snap` with `extra` and an API socket named `name`.
-fn restore(dir: &Path, snap: &Path, name: &str, extra: &[&str]) -> (Guest, PathBuf) {
-    let sock = dir.join(format!("{name}.sock"));
-    let mut args = vec!["restore".to_string(), text(snap)];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args.extend(["--api-sock".to_string(), text(&sock)]);
-    let guest = Guest::spawn(&args);
-    wait_for_socket(&sock, &guest);
-    (guest, sock)
 }
 
 /// The `TICK=n uptime` lines in order, from complete lines only. A tick
