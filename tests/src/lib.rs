@@ -438,8 +438,9 @@ impl Guest {
                 );
             }
             // Output wakes this at once; a predicate on something else
-            // (a socket file appearing) is looked at again every 50 ms.
-            out = cond.wait_timeout(out, (deadline - now).min(Duration::from_millis(50))).expect("output lock").0;
+            // (a socket file appearing) is looked at again every 100 ms.
+            // It runs under the output lock: keep it cheap (no processes).
+            out = cond.wait_timeout(out, (deadline - now).min(Duration::from_millis(100))).expect("output lock").0;
         }
     }
 
