@@ -253,11 +253,6 @@ pub fn run_in_kvm_host_carrying(test_name: &str, files: &[&str]) -> bool {
     let root = repo_root();
     // RUST_LOG reaches the stasis processes inside, for debugging.
     let log = format!("RUST_LOG={}", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
-    // And STASIS_SECCOMP (`log` lists calls missing from the filters).
-    let seccomp = format!("STASIS_SECCOMP={}", std::env::var("STASIS_SECCOMP").unwrap_or_default());
-    // And the fault campaign's sizes (FAULT_CYCLES, …).
-    let campaign: Vec<String> =
-        std::env::vars().filter(|(k, _)| k.starts_with("FAULT_")).map(|(k, v)| format!("{k}={v}")).collect();
     let run = || {
         let mut testhost = Command::new(root.join("scripts/testhost"));
         testhost.args(["--cpus", TESTHOST_CPUS]);
@@ -271,8 +266,8 @@ pub fn run_in_kvm_host_carrying(test_name: &str, files: &[&str]) -> bool {
             .arg(&exe)
             .args(files.iter().flat_map(|f| ["--file", f]))
             .arg("--")
-            .args(["env", "STASIS_E2E_RUNNER=direct", "RUST_BACKTRACE=1", &log, &seccomp])
-            .args(&campaign)
+            .args(["env", "STASIS_E2E_RUNNER=direct", "RUST_BACKTRACE=1", &log])
+            .args(forwarded_env())
             .arg(&exe)
             .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
             .current_dir(&root)
@@ -297,6 +292,16 @@ pub fn run_in_kvm_host_carrying(test_name: &str, files: &[&str]) -> bool {
     true
 }
 
+/// What of this process's environment goes into the test host as
+/// `NAME=VALUE` words for `env`: STASIS_SECCOMP (`log` lists calls missing
+/// from the filters) and the fault campaign's sizes (FAULT_CYCLES, …).
+fn forwarded_env() -> Vec<String> {
+    std::env::vars()
+        .filter(|(k, _)| k == "STASIS_SECCOMP" || k.starts_with("FAULT_"))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect()
+}
+
 /// A command line for `stasis ARGS…` under the chosen runner, run from the
 /// repository root (paths in ARGS are relative to it).
 pub fn stasis_command(args: &[String], extra_files: &[&str]) -> Command {
@@ -314,11 +319,7 @@ pub fn stasis_command(args: &[String], extra_files: &[&str]) -> Command {
             for f in extra_files {
                 c.arg("--file").arg(f);
             }
-            c.arg("--");
-            if let Ok(mode) = std::env::var("STASIS_SECCOMP") {
-                c.arg("env").arg(format!("STASIS_SECCOMP={mode}"));
-            }
-            c.arg("target/release/stasis").args(args);
+            c.args(["--", "env"]).args(forwarded_env()).arg("target/release/stasis").args(args);
             c
         }
     };

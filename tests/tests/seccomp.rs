@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use stasis_e2e::{boot_args, run_in_kvm_host, scratch, status_json, Guest, COMMAND_TIMEOUT};
+use stasis_e2e::{boot_with_api, run_in_kvm_host, scratch, status_json, Guest};
 
 /// (thread name, seccomp mode, filters) of every thread of `pid`.
 fn threads(pid: u32) -> Vec<(String, u32, u32)> {
@@ -29,20 +29,15 @@ fn threads(pid: u32) -> Vec<(String, u32, u32)> {
     out
 }
 
+/// A VMM with a disk, vsock and an API socket, its devices set up by the
+/// guest's drivers and a status request through the control socket done.
 fn boot(dir: &Path, extra: &[&str]) -> Guest {
-    let sock = dir.join("vm.sock");
     let disk = dir.join("disk.img");
     std::fs::File::create(&disk).and_then(|f| f.set_len(8 << 20)).expect("disk");
-    let mut args = boot_args("vmlinux", extra);
-    args.extend(
-        ["--api-sock", sock.to_str().unwrap(), "--disk", disk.to_str().unwrap(), "--vsock", &format!("3,{}", dir.join("v.sock").display())]
-            .map(String::from),
-    );
-    let mut guest = Guest::spawn(&args);
-    guest.wait_ready();
-    guest.wait_until("the API socket", COMMAND_TIMEOUT, |_| sock.exists());
-    // The guest's drivers have set the devices up; a status request has
-    // passed through the control socket's threads.
+    let vsock = format!("3,{}", dir.join("v.sock").display());
+    let mut args = vec!["--disk", disk.to_str().unwrap(), "--vsock", &vsock];
+    args.extend_from_slice(extra);
+    let (mut guest, sock) = boot_with_api(dir, "vm", &args);
     assert_eq!(guest.query("UP", "echo UP=yes"), "yes");
     assert_eq!(status_json(&sock)["state"], "running");
     guest

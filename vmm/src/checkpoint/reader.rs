@@ -1162,18 +1162,15 @@ fn describe_regions(regions: &[Region]) -> String {
 }
 
 fn read_error(info: &BlockInfo, offset: u64, source: std::io::Error) -> ReadError {
-    if source.kind() == std::io::ErrorKind::UnexpectedEof {
-        // The index said the bytes were there when the file was opened.
-        return ReadError::ReadBlock {
-            block: info.index,
-            storage_block: info.storage_block,
-            offset,
-            source: std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the file ends before the block does: it was truncated after it was opened",
-            ),
-        };
-    }
+    // The index said the bytes were there when the file was opened.
+    let source = if source.kind() == std::io::ErrorKind::UnexpectedEof {
+        std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the file ends before the block does: it was truncated after it was opened",
+        )
+    } else {
+        source
+    };
     ReadError::ReadBlock {
         block: info.index,
         storage_block: info.storage_block,

@@ -13,7 +13,7 @@
 //! - `off` (`--no-seccomp`): no filters.
 //!
 //! `log` makes a forbidden call from the SIGSYS handler through one fixed
-//! `syscall` instruction ([`raw_syscall`]) that its filters let through by
+//! `syscall` instruction (`stasis_seccomp_syscall`) that its filters let through by
 //! address. Calls that change the signal mask or start threads cannot be
 //! made from a handler; every filter allows them (`EVERY_THREAD`) or the
 //! kinds that need them (`SPAWNS_THREADS`), so `log` never has to.
@@ -89,8 +89,9 @@ impl ThreadKind {
         }
     }
 
+    /// Its place in [`KINDS`] (declaration order).
     fn index(self) -> usize {
-        KINDS.iter().position(|k| *k == self).unwrap_or(0)
+        self as usize
     }
 
     /// Every call this kind may make.
@@ -140,11 +141,6 @@ pub fn init(mode: Mode) -> Result<(), SeccompError> {
     // A second init (tests) keeps the first one's filters.
     let _ = FILTERS.set(Filters { mode, programs });
     Ok(())
-}
-
-/// The mode [`init`] was given, if any.
-pub fn mode() -> Mode {
-    FILTERS.get().map_or(Mode::Off, |f| f.mode)
 }
 
 /// The BPF program for `kind` under `mode`.
@@ -212,8 +208,7 @@ pub fn confine(kind: ThreadKind) -> Result<(), SeccompError> {
 /// ends the process (running unconfined is not an option).
 pub fn confine_or_exit(kind: ThreadKind) {
     if let Err(e) = confine(kind) {
-        log::error!("{e}");
-        eprintln!("stasis: {e}");
+        eprintln!("stasis: error: {e}");
         std::process::exit(1);
     }
 }
@@ -511,6 +506,13 @@ mod tests {
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status:#x}: {stderr}");
         assert_eq!(stderr.matches("made openat (257)").count(), 1, "{stderr}");
         assert!(stderr.contains("made anyway"), "{stderr}");
+    }
+
+    #[test]
+    fn kinds_are_listed_in_declaration_order() {
+        for (i, kind) in KINDS.iter().enumerate() {
+            assert_eq!(kind.index(), i, "{kind:?}");
+        }
     }
 
     #[test]
