@@ -9,13 +9,19 @@ use std::path::Path;
 
 use stasis_e2e::{boot_with_api, run_in_kvm_host, scratch, status_json, Guest};
 
-/// (thread name, seccomp mode, filters) of every thread of `pid`.
+/// (thread name, seccomp mode, filters) of every thread of `pid`. A thread
+/// that ends while it is being looked at (the control socket's connection
+/// thread of the status request just answered) is left out.
 fn threads(pid: u32) -> Vec<(String, u32, u32)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the VMM's threads") {
         let task = entry.expect("task").path();
-        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default().trim().to_string();
-        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        let (Ok(comm), Ok(status)) =
+            (std::fs::read_to_string(task.join("comm")), std::fs::read_to_string(task.join("status")))
+        else {
+            continue;
+        };
+        let comm = comm.trim().to_string();
         let field = |name: &str| {
             status
                 .lines()
