@@ -110,6 +110,8 @@ fn a_recorded_working_set_makes_the_next_restores_fault_next_to_nothing() {
     let inspect = Command::new(stasis_bin()).args(["checkpoint", "inspect"]).arg(&snap).output().expect("runs inspect");
     let report = String::from_utf8_lossy(&inspect.stdout);
     assert!(inspect.status.success() && report.contains("working set  ") && report.contains("loaded first on restore"), "{report}");
+    // Snapshots check their blocks with XXH64 (docs/checkpoint-format.md).
+    assert!(report.contains("version      1.2 (block checksums xxh64)"), "{report}");
 
     // With the working set, loaded while the vCPUs start and before they
     // do: the guest answers with next to no faults, and the data is the

@@ -451,6 +451,8 @@ pub fn flatten_snapshot(dir: &Path, out: &Path) -> Result<String, FlattenError> 
     let options = WriterOptions {
         memory_block_size: reader.header().memory_block_size,
         storage_block_size: reader.header().storage_block_size,
+        // A snapshot, as `stasis snapshot` writes it.
+        checksum: checkpoint::BlockChecksum::Xxh64,
         ..Default::default()
     };
     let stats = checkpoint::flatten(&reader, &writer.memory_path(), &options, &mut |_, _| {}).map_err(FlattenError::Write)?;
@@ -569,7 +571,7 @@ mod tests {
         source.scan_touched().expect("pagemap");
         checkpoint::write_checkpoint(&base, &source, &WriterOptions::default(), &mut |_, _| {}).expect("base");
         let reader = Reader::open(&base).expect("open base");
-        let crcs = crate::backup::disk::block_crcs(&reader);
+        let crcs = crate::backup::disk::block_crcs(&reader).expect("CRC-32C blocks");
 
         // One block changes, one untouched block gets data, one goes back to zero.
         mem.write_slice(&[8u8; 1], GuestAddress((1 << 20) + 5)).expect("write");

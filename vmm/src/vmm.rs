@@ -16,7 +16,7 @@ use crate::vstate::memory::GuestMemoryMmap;
 use crate::content::grants::GrantLimits;
 use crate::content::service::ContentService;
 use crate::api::{AfterSnapshot, ApiCall, ApiError, ApiReply, ApiRequest, ApiServer};
-use crate::checkpoint::{self, Reader, WriteStats, WriterOptions};
+use crate::checkpoint::{self, BlockChecksum, Reader, WriteStats, WriterOptions};
 use crate::devices::bus::{lock, MmioBus, PioBus};
 use crate::devices::virtio::block::image::{copy_sparse, FileIdentity};
 use crate::devices::virtio::mmio::MmioTransport;
@@ -970,13 +970,18 @@ impl Vmm {
         let state = SnapshotState { machine: self.machine.clone(), vcpus, vm, devices: self.devices.state(), virtio };
         let mut source = VmMemory::new(self.mem.clone(), not_resident, changed);
         let mut disk_jobs = raw_jobs;
+        // Snapshots check their blocks with XXH64, cheap to verify on every
+        // restore (docs/checkpoint-format.md); backups keep CRC-32C, which
+        // their retired records list and compare against.
+        let mut checksum = BlockChecksum::Xxh64;
         if let Some(backup) = backup {
             if let Some(crcs) = backup.memory_compare.take() {
                 source.compare_with(crcs, u64::from(checkpoint::writer::DEFAULT_MEMORY_BLOCK_SIZE));
             }
             disk_jobs = std::mem::take(&mut backup.jobs);
+            checksum = BlockChecksum::Crc32c;
         }
-        let options = WriterOptions { parent_index_crc: parent.map(|p| p.index_crc), ..Default::default() };
+        let options = WriterOptions { parent_index_crc: parent.map(|p| p.index_crc), checksum, ..Default::default() };
         if live {
             phase("VM state saved");
             let child = fork_writer(writer.memory_path(), source, options, disk_jobs).map_err(VmmError::ForkWriter)?;

@@ -88,7 +88,7 @@ fn inspect_reports_version_block_size_kinds_and_ratio() {
     let ckpt = packed(dir.path(), &["--block-size", "64KiB"]);
     let (code, out, err) = stasis(&["checkpoint", "inspect", s(&ckpt)]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("version      1.0\n"), "{out}");
+    assert!(out.contains("version      1.0 (block checksums crc32c)\n"), "{out}");
     assert!(out.contains("memory       1.00 MiB in 1 region\n"), "{out}");
     assert!(out.contains("blocks       16 of 64.0 KiB: "), "{out}");
     assert!(out.contains("compression ratio"), "{out}");

@@ -471,6 +471,13 @@ fn run_stasis(o: &Opts, dir: &Path, args: &[&str], sock: &Path, sum: &str) -> Re
     f.loader(&status);
     f.same = sha256(&mut guest)? == sum;
     let output = poweroff(guest, EXIT_TIMEOUT)?;
+    if std::env::var_os("BENCH_VMM_LOG").is_some() {
+        // For finding where a restore's time goes (with RUST_LOG set): the
+        // VMM's log lines, on stderr beside the progress.
+        for line in output.lines().filter(|l| l.starts_with('[')) {
+            note(&format!("vmm {}: {line}", args.join(" ")));
+        }
+    }
     f.latency = report_latency(&output);
     if f.latency.is_none() {
         note("no restore report (--json) in the VM's output");

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use crate::checkpoint::{self, BlockHint, BlockKind, MemorySource, Reader, Region, SourceError, WriteStats, WriterOptions};
+use crate::checkpoint::{self, BlockChecksum, BlockHint, BlockKind, MemorySource, Reader, Region, SourceError, WriteStats, WriterOptions};
 use crate::devices::virtio::block::changed::{self, BeforeWrite, DISK_BLOCK_SIZE};
 
 /// Which blocks of a disk a backup stores.
@@ -459,6 +459,8 @@ pub(crate) fn write_job(job: &DiskJob) -> Result<WriteStats, String> {
     let options = WriterOptions {
         memory_block_size: DISK_BLOCK_SIZE as u32,
         parent_index_crc: job.parent_index_crc,
+        // Retired records list CRC-32Cs (block_crcs).
+        checksum: BlockChecksum::Crc32c,
         ..WriterOptions::default()
     };
     let stats = checkpoint::write_checkpoint(&job.out, &source, &options, &mut |_, _| {}).map_err(|e| crate::error_chain(&e))?;
@@ -492,20 +494,24 @@ fn differing_blocks(file: &File, size: u64, data: &[u64], crcs: &[u32]) -> std::
 
 /// CRC-32C of every block's content a checkpoint (or chain) resolves to,
 /// in block order, without reading any data: what a retired record keeps.
-pub(crate) fn block_crcs(reader: &Reader) -> Vec<u32> {
+/// Backups are written with CRC-32C block checksums; a block of a layer
+/// checked otherwise (a snapshot's XXH64) is refused, since its CRC-32C
+/// is not known without reading it.
+pub(crate) fn block_crcs(reader: &Reader) -> Result<Vec<u32>, String> {
     let full = reader.header().memory_block_size as usize;
     let full_zero = zero_crc(full);
     (0..reader.block_count())
         .map(|i| match reader.block_info(i) {
             Some(info) if info.kind == BlockKind::Zero => {
-                if info.len == full {
-                    full_zero
-                } else {
-                    zero_crc(info.len)
-                }
+                Ok(if info.len == full { full_zero } else { zero_crc(info.len) })
             }
-            Some(info) => info.crc,
-            None => 0,
+            Some(info) if info.checksum != BlockChecksum::Crc32c => Err(format!(
+                "block {i} of {} is checked with {}, not CRC-32C",
+                reader.layers()[info.layer].path().display(),
+                info.checksum.name()
+            )),
+            Some(info) => Ok(info.crc),
+            None => Ok(0),
         })
         .collect()
 }
@@ -582,7 +588,7 @@ mod tests {
 
         // Tracking lost: the next layer compares against b's CRCs.
         let chain_b = Reader::open_chain(&[b.out.clone(), a.out.clone()], ReaderOptions::default()).expect("chain b");
-        let crcs = block_crcs(&chain_b);
+        let crcs = block_crcs(&chain_b).expect("CRC-32C blocks");
         f.write_all_at(&[0u8; 4096], 3 * DISK_BLOCK_SIZE).expect("write");
         f.write_all_at(&[9u8; 1], 39 * DISK_BLOCK_SIZE).expect("write");
         let c = job("c", DiskBlocks::Compare(crcs), Some(chain_b.index_crc()));

@@ -266,12 +266,12 @@ pub struct BlockList {
 
 impl BlockList {
     /// The list a checkpoint (or chain) resolves to, from its index only.
-    pub fn of(reader: &Reader) -> BlockList {
-        BlockList {
+    pub fn of(reader: &Reader) -> Result<BlockList, String> {
+        Ok(BlockList {
             block_size: reader.header().memory_block_size,
             regions: reader.header().regions.iter().map(|r| (r.guest_addr, r.size)).collect(),
-            crcs: disk::block_crcs(reader),
-        }
+            crcs: disk::block_crcs(reader)?,
+        })
     }
 
     /// Whether it describes blocks of `regions` cut at `block_size`.
@@ -345,7 +345,7 @@ impl RetiredRecord {
         for name in disk_files(&entry.dir)? {
             let paths: Vec<PathBuf> = chain.iter().map(|l| l.dir.join(&name)).collect();
             let disk = Reader::open_chain(&paths, ReaderOptions::default()).map_err(|e| crate::error_chain(&e))?;
-            disks.push(BlockList::of(&disk));
+            disks.push(BlockList::of(&disk)?);
         }
         Ok(RetiredRecord {
             format: RETIRED_FORMAT.into(),
@@ -356,7 +356,7 @@ impl RetiredRecord {
             sequence: entry.sequence,
             backup_id: entry.manifest.id.clone(),
             generation,
-            memory: BlockList::of(&reader),
+            memory: BlockList::of(&reader)?,
             disks,
         })
     }

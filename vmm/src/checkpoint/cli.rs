@@ -210,7 +210,7 @@ fn human(bytes: u64) -> String {
 /// Writes the text form of `inspect`.
 fn write_summary(out: &mut dyn Write, path: &Path, s: &Summary) -> std::io::Result<()> {
     writeln!(out, "checkpoint   {}", path.display())?;
-    writeln!(out, "version      {}", s.version)?;
+    writeln!(out, "version      {} (block checksums {})", s.version, s.checksum.name())?;
     writeln!(
         out,
         "memory       {} in {} region{}",
@@ -572,7 +572,7 @@ pub fn run_to(cmd: CheckpointCommand, out: &mut dyn Write) -> Result<(), CliErro
                 storage_block_size: storage_block_size.max(block_size),
                 level,
                 threads,
-                parent_index_crc: None,
+                ..WriterOptions::default()
             };
             let mut progress = Progress::new("packing");
             let stats = write_checkpoint(&out_path, &source, &options, &mut |done, total| {
@@ -710,6 +710,7 @@ mod tests {
             level: 1,
             threads: 1,
             parent_index_crc: None,
+            ..WriterOptions::default()
         };
         write_checkpoint(
             &base,

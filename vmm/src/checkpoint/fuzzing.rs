@@ -134,7 +134,7 @@ fn check_reader(reader: &Reader) {
                     }
                     BlockKind::Parent => panic!("parent block {i} was read"),
                     BlockKind::Raw | BlockKind::Zstd => {
-                        assert_eq!(crc32c::crc32c(data), info.crc, "block {i} passed a bad CRC")
+                        assert_eq!(info.checksum.of(data), info.crc, "block {i} passed a bad checksum")
                     }
                 }
                 assert_eq!(reader.block_of(info.guest_addr), Some(i));
@@ -247,6 +247,7 @@ fn on_zero_parent(data: &[u8], layer: &Reader, options: ReaderOptions) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::BlockChecksum;
     use crate::checkpoint::source::{HintedSource, ImageSource};
     use crate::checkpoint::writer::{write_checkpoint, WriterOptions};
 
@@ -267,6 +268,8 @@ mod tests {
             level: 1,
             threads: 1,
             parent_index_crc: parent,
+            // Seeds of both block checksums.
+            checksum: if parent.is_some() { BlockChecksum::Xxh64 } else { BlockChecksum::Crc32c },
         };
         let source = HintedSource::new(ImageSource::flat(image), |_, offset| {
             if parent.is_some() && offset / 4096 % 2 == 1 {

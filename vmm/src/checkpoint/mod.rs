@@ -21,7 +21,7 @@ pub mod reader;
 pub mod source;
 pub mod writer;
 
-pub use format::{BlockKind, Region};
+pub use format::{BlockChecksum, BlockKind, Region};
 pub use reader::{
     BlockIndex, BlockInfo, BlockSink, LayerSummary, ReadError, Reader, ReaderOptions, Sequential,
     SinkError, Summary,

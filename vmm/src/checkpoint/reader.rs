@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::format::{
-    align_up, decode_index, BlockEntry, BlockKind, BlockMap, Footer, FormatError, Header, Region,
+    align_up, BlockChecksum, decode_index, BlockEntry, BlockKind, BlockMap, Footer, FormatError, Header, Region,
     StorageEntry, ALIGN, FOOTER_LEN, HEADER_FIXED_LEN,
 };
 
@@ -255,8 +255,11 @@ pub struct BlockInfo {
     pub storage_block: u32,
     /// File offset of the stored bytes (0 for zero and parent blocks).
     pub file_offset: u64,
-    /// CRC-32C of the decompressed content (0 for zero and parent blocks).
+    /// Checksum of the decompressed content (0 for zero and parent
+    /// blocks), of the kind its layer uses.
     pub crc: u32,
+    /// How its layer checks block content.
+    pub checksum: BlockChecksum,
 }
 
 /// One file of a chain, for `inspect`.
@@ -277,6 +280,8 @@ pub struct LayerSummary {
 pub struct Summary {
     /// Format version, "major.minor".
     pub version: String,
+    /// How the file checks its blocks' content.
+    pub checksum: BlockChecksum,
     /// Memory block size in bytes.
     pub memory_block_size: u32,
     /// Storage block size in bytes.
@@ -750,6 +755,7 @@ impl Reader {
             storage_block: entry.storage_block,
             file_offset,
             crc: entry.crc,
+            checksum: self.header.checksum,
         })
     }
 
@@ -790,6 +796,7 @@ impl Reader {
                 "{}.{}",
                 self.header.version_major, self.header.version_minor
             ),
+            checksum: self.header.checksum,
             memory_block_size: self.header.memory_block_size,
             storage_block_size: self.header.storage_block_size,
             regions: self.header.regions.clone(),
@@ -1187,9 +1194,9 @@ fn new_decompressor(info: &BlockInfo) -> Result<zstd::bulk::Decompressor<'static
     })
 }
 
-/// Checks `data` against the block's CRC.
+/// Checks `data` against the block's checksum.
 fn check_crc(info: &BlockInfo, data: &[u8]) -> Result<(), ReadError> {
-    let computed = crc32c::crc32c(data);
+    let computed = info.checksum.of(data);
     if computed != info.crc {
         return Err(ReadError::CheckCrc {
             block: info.index,
@@ -1373,6 +1380,7 @@ mod tests {
             level: 3,
             threads: 2,
             parent_index_crc: None,
+            ..WriterOptions::default()
         }
     }
 
@@ -1718,6 +1726,7 @@ mod tests {
             level: 1,
             threads: 2,
             parent_index_crc,
+            ..WriterOptions::default()
         }
     }
 
@@ -1745,8 +1754,11 @@ mod tests {
                 }
             },
         );
-        let stats = write_checkpoint(path, &source, &chain_options(parent), &mut |_, _| {})
-            .expect("writes");
+        // The middle layer checks its blocks with XXH64, the others with
+        // CRC-32C: every chain test reads layers of both kinds.
+        let checksum = if v == 1 { BlockChecksum::Xxh64 } else { BlockChecksum::Crc32c };
+        let options = WriterOptions { checksum, ..chain_options(parent) };
+        let stats = write_checkpoint(path, &source, &options, &mut |_, _| {}).expect("writes");
         let reads = source.reads.lock().expect("not poisoned");
         let mut read: Vec<usize> = reads.iter().map(|&(r, o)| block_at(r, o)).collect();
         read.sort_unstable();
@@ -1849,9 +1861,10 @@ mod tests {
 
         let alone = Reader::open(&mid).expect("a layer opens alone");
         assert_eq!(alone.parent_index_crc(), Some(base_crc));
-        assert_eq!(alone.header().version_minor, 1);
+        // The middle layer has XXH64 block checksums (write_version).
+        assert_eq!(alone.header().version_minor, 2);
         let bytes = std::fs::read(&mid).expect("read");
-        assert_eq!(bytes[28..32], FLAG_PARENT.to_le_bytes());
+        assert_eq!(bytes[28..32], (FLAG_PARENT | crate::checkpoint::format::FLAG_XXH64).to_le_bytes());
         assert_eq!(bytes[40..48], u64::from(base_crc).to_le_bytes());
         let mut buf = vec![0u8; 4096];
         for i in 0..BLOCKS {

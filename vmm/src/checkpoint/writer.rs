@@ -36,7 +36,7 @@ use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::format::{
-    align_up, valid_memory_block_size, valid_storage_block_size, BlockEntry, BlockKind, BlockMap,
+    align_up, BlockChecksum, valid_memory_block_size, valid_storage_block_size, BlockEntry, BlockKind, BlockMap,
     Footer, FormatError, Header, StorageEntry, BLOCK_ENTRY_LEN, FOOTER_LEN, STORAGE_ENTRY_LEN,
 };
 use super::reader::Reader;
@@ -167,6 +167,9 @@ pub struct WriterOptions {
     /// and blocks the source hints [`BlockHint::Parent`] are recorded as in
     /// the parent. `None` writes a plain, self-contained 1.0 file.
     pub parent_index_crc: Option<u32>,
+    /// How blocks are checked: CRC-32C by default (1.0 and 1.1 files);
+    /// XXH64 makes the file 1.2 (see the format's documentation).
+    pub checksum: BlockChecksum,
 }
 
 impl Default for WriterOptions {
@@ -177,6 +180,7 @@ impl Default for WriterOptions {
             level: DEFAULT_LEVEL,
             threads: 0,
             parent_index_crc: None,
+            checksum: BlockChecksum::Crc32c,
         }
     }
 }
@@ -229,6 +233,7 @@ struct Shared<'s> {
     map: &'s BlockMap,
     /// Whether parent hints may be recorded.
     layered: bool,
+    checksum: BlockChecksum,
     level: i32,
     blocks_per_batch: usize,
     batches: usize,
@@ -331,7 +336,7 @@ fn compress_batch(
             blocks.push((BlockKind::Zero, 0, 0));
             continue;
         }
-        let crc = crc32c::crc32c(bytes);
+        let crc = shared.checksum.of(bytes);
         zbuf.clear();
         let compressed = compressor
             .compress_to_buffer(bytes, zbuf)
@@ -468,6 +473,7 @@ fn write_data(
         source,
         map,
         layered: header.is_layered(),
+        checksum: header.checksum,
         level: options.level,
         blocks_per_batch,
         batches: block_count.div_ceil(blocks_per_batch),
@@ -729,11 +735,12 @@ pub fn write_checkpoint(
             ),
         });
     }
-    let header = Header::new_layered(
+    let header = Header::new_with(
         options.memory_block_size,
         options.storage_block_size,
         source.regions(),
         options.parent_index_crc,
+        options.checksum,
     )
     .map_err(WriteError::BuildHeader)?;
     let map = BlockMap::new(&header.regions, header.memory_block_size);
@@ -833,11 +840,12 @@ pub fn rebase_layer(from: &Path, to: &Path, parent_index_crc: u32) -> std::io::R
     if !old.is_layered() {
         return Err(invalid(format!("{} is not a layer on a parent checkpoint", from.display())));
     }
-    let header = Header::new_layered(
+    let header = Header::new_with(
         old.memory_block_size,
         old.storage_block_size,
         old.regions.clone(),
         Some(parent_index_crc),
+        old.checksum,
     )
     .map_err(|e| invalid(e.to_string()))?;
     let mut src = File::open(from)?;
@@ -895,6 +903,7 @@ mod tests {
             level: 1,
             threads: 2,
             parent_index_crc: None,
+            ..WriterOptions::default()
         }
     }
 

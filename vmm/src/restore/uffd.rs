@@ -1234,7 +1234,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("mem.ckpt");
         let image = image();
-        let options_w = WriterOptions { memory_block_size: BLOCK as u32, storage_block_size: 4 * BLOCK as u32, level: 1, threads: 1, parent_index_crc: None };
+        let options_w = WriterOptions { memory_block_size: BLOCK as u32, storage_block_size: 4 * BLOCK as u32, level: 1, threads: 1, ..WriterOptions::default() };
         write_checkpoint(&path, &ImageSource::new(vec![(0, &image[..])]), &options_w, &mut |_, _| {}).expect("writes");
         let reader = Arc::new(Reader::open(&path).expect("opens"));
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory");
@@ -1340,7 +1340,7 @@ mod tests {
         let image: Vec<u8> = (0..SIZE).map(|i| (i / 4096 * 31 + i % 4096 / 7) as u8 | 1).collect();
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("mem.ckpt");
-        let options_w = WriterOptions { memory_block_size: BLOCK as u32, storage_block_size: 4 * BLOCK as u32, level: 1, threads: 1, parent_index_crc: None };
+        let options_w = WriterOptions { memory_block_size: BLOCK as u32, storage_block_size: 4 * BLOCK as u32, level: 1, threads: 1, ..WriterOptions::default() };
         write_checkpoint(&path, &ImageSource::new(vec![(0, &image[..])]), &options_w, &mut |_, _| {}).expect("writes");
         let reader = Reader::open(&path).expect("opens");
         let mem = crate::vstate::memory::create_guest_memory(SIZE as u64).expect("guest memory");
@@ -1375,7 +1375,7 @@ mod tests {
     fn a_preload_of_a_damaged_block_fails_naming_it() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("mem.ckpt");
-        let options_w = WriterOptions { memory_block_size: BLOCK as u32, storage_block_size: 4 * BLOCK as u32, level: 1, threads: 1, parent_index_crc: None };
+        let options_w = WriterOptions { memory_block_size: BLOCK as u32, storage_block_size: 4 * BLOCK as u32, level: 1, threads: 1, ..WriterOptions::default() };
         write_checkpoint(&path, &ImageSource::new(vec![(0, &image()[..])]), &options_w, &mut |_, _| {}).expect("writes");
         // Flip a byte of block 41's stored data.
         let info = Reader::open(&path).expect("opens").block_info(41).expect("block 41");

@@ -252,7 +252,7 @@ mod tests {
         let path = dir.join("memory.ckpt");
         let mut image = vec![0u8; 32 * BLOCK];
         image[3 * BLOCK..5 * BLOCK].fill(fill);
-        let options = WriterOptions { memory_block_size: BLOCK as u32, storage_block_size: 4 * BLOCK as u32, level: 1, threads: 1, parent_index_crc: None };
+        let options = WriterOptions { memory_block_size: BLOCK as u32, storage_block_size: 4 * BLOCK as u32, level: 1, threads: 1, ..WriterOptions::default() };
         write_checkpoint(&path, &ImageSource::new(vec![(0, &image[..])]), &options, &mut |_, _| {}).expect("writes");
         Reader::open(&path).expect("opens")
     }
