@@ -39,7 +39,9 @@
 //! mode (about 3 minutes in the test host on the 2-core development
 //! machine, Firecracker included, the test host's start too; a full run
 //! should take 10 to 15). `--sizes`, `--runs`, `--floor-runs`,
-//! `--window-ms`, `--concurrent` and `--only` choose otherwise.
+//! `--window-ms`, `--concurrent` and `--only` choose otherwise. With
+//! `BENCH_VMM_LOG` set, each stasis restore's log lines (`RUST_LOG`, e.g.
+//! `stasis=debug` for the restore's phases) follow it on stderr.
 //!
 //! What each figure is:
 //!
