@@ -433,6 +433,9 @@ impl Guest {
                 } else {
                     "timed out".to_string()
                 };
+                // Not under the lock: a panic there would poison it, and
+                // every later look at the output would fail on that instead.
+                drop(out);
                 panic!(
                     "waiting for {what}: {why} after {:.1}s; output so far:\n{text}",
                     self.started.elapsed().as_secs_f64()
