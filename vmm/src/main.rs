@@ -582,7 +582,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_millis()
         .init();
-    log::debug!("stasis started");
+    log::debug!("stasis started: logging set up {:.1} ms into main", start.elapsed().as_secs_f64() * 1000.0);
     let cli = Cli::parse();
     let result: Result<ExitCode, Box<dyn std::error::Error>> = match cli.command {
         Command::Boot(args) => boot(args),

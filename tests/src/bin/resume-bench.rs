@@ -41,7 +41,8 @@
 //! should take 10 to 15). `--sizes`, `--runs`, `--floor-runs`,
 //! `--window-ms`, `--concurrent` and `--only` choose otherwise. With
 //! `BENCH_VMM_LOG` set, each stasis restore's log lines (`RUST_LOG`, e.g.
-//! `stasis=debug` for the restore's phases) follow it on stderr.
+//! `stasis=debug` for the restore's phases) follow it on stderr;
+//! `BENCH_RESTORE_ARGS` adds its words to every stasis restore's arguments.
 //!
 //! What each figure is:
 //!
@@ -453,6 +454,10 @@ fn run_stasis(o: &Opts, dir: &Path, args: &[&str], sock: &Path, sum: &str) -> Re
     let _ = fs::remove_file(sock);
     let mut cmd = Command::new(&o.common.stasis);
     cmd.arg("restore").arg(dir).args(args).arg("--json").arg("--api-sock").arg(sock);
+    // For trying options out: more restore arguments for every stasis row.
+    if let Ok(extra) = std::env::var("BENCH_RESTORE_ARGS") {
+        cmd.args(extra.split_whitespace());
+    }
     let t0 = Instant::now();
     let mut guest = Guest::spawn_command(cmd);
     // The VMM holds console input until the guest reads it.
