@@ -436,8 +436,9 @@ impl Guest {
                 // Not under the lock: a panic there would poison it, and
                 // every later look at the output would fail on that instead.
                 drop(out);
+                let threads = if why == "timed out" { thread_dump(self.pid()) } else { String::new() };
                 panic!(
-                    "waiting for {what}: {why} after {:.1}s; output so far:\n{text}",
+                    "waiting for {what}: {why} after {:.1}s; output so far:\n{text}{threads}",
                     self.started.elapsed().as_secs_f64()
                 );
             }
@@ -590,6 +591,29 @@ impl Drop for Guest {
             let _ = child.wait();
         }
     }
+}
+
+/// Where each thread of process `pid` is, for a wait that timed out: its
+/// name, state, the kernel function it sleeps in and, where the kernel
+/// shows it (root), its kernel stack. So a hang (a vCPU waiting on a
+/// fault no one serves, a thread waiting on a lock) says where it is.
+fn thread_dump(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return String::new() };
+    let mut out = format!("\n--- threads of process {pid} at the timeout ---\n");
+    let mut tasks: Vec<_> = tasks.flatten().map(|t| t.path()).collect();
+    tasks.sort();
+    for task in tasks {
+        let read = |name: &str| std::fs::read_to_string(task.join(name)).unwrap_or_default();
+        let stat = read("stat");
+        // The state follows the name, which is in parentheses.
+        let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).unwrap_or("?");
+        let tid = task.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        out.push_str(&format!("{tid} {} state {state} wchan {}\n", read("comm").trim(), read("wchan").trim()));
+        for frame in read("stack").lines().take(12) {
+            out.push_str(&format!("    {frame}\n"));
+        }
+    }
+    out
 }
 
 fn pump(mut pipe: Box<dyn Read + Send>, output: &(Mutex<Output>, Condvar)) {
