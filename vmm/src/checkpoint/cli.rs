@@ -549,6 +549,8 @@ pub fn run_to(cmd: CheckpointCommand, out: &mut dyn Write) -> Result<(), CliErro
                 storage_block_size,
                 level,
                 threads,
+                // The newest layer's block checksum: a snapshot's stays XXH64.
+                checksum: reader.header().checksum,
                 ..WriterOptions::default()
             };
             let mut progress = Progress::new("flattening");
