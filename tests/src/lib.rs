@@ -416,7 +416,8 @@ impl Guest {
             }
             let now = Instant::now();
             if out.closed || now >= deadline {
-                let why = if out.closed {
+                let closed = out.closed;
+                let why = if closed {
                     // How it ended tells a guest that powered off or
                     // rebooted (exit 0) from a VMM that died of a signal.
                     // Output closes a moment before the process is reapable.
@@ -436,7 +437,7 @@ impl Guest {
                 // Not under the lock: a panic there would poison it, and
                 // every later look at the output would fail on that instead.
                 drop(out);
-                let threads = if why == "timed out" { thread_dump(self.pid()) } else { String::new() };
+                let threads = if closed { String::new() } else { thread_dump(self.pid()) };
                 panic!(
                     "waiting for {what}: {why} after {:.1}s; output so far:\n{text}{threads}",
                     self.started.elapsed().as_secs_f64()
