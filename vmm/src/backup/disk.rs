@@ -546,6 +546,24 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn block_crcs_refuse_blocks_checked_with_xxh64() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = vec![7u8; 2 * DISK_BLOCK_SIZE as usize];
+        let source = checkpoint::ImageSource::flat(&image);
+        let mut crcs = Vec::new();
+        for checksum in [BlockChecksum::Crc32c, BlockChecksum::Xxh64] {
+            let path = dir.path().join(checksum.name());
+            let options = WriterOptions { memory_block_size: DISK_BLOCK_SIZE as u32, checksum, ..WriterOptions::default() };
+            checkpoint::write_checkpoint(&path, &source, &options, &mut |_, _| {}).expect("writes");
+            crcs.push(block_crcs(&Reader::open(&path).expect("opens")));
+        }
+        let want = crc32c::crc32c(&image[..DISK_BLOCK_SIZE as usize]);
+        assert_eq!(crcs[0].as_deref(), Ok(&[want, want][..]));
+        let err = crcs[1].clone().expect_err("XXH64 blocks have no CRC-32C to give");
+        assert!(err.contains("block 0") && err.contains("xxh64"), "{err}");
+    }
+
     fn disk(dir: &Path, size: u64) -> File {
         let f = OpenOptions::new().read(true).write(true).create_new(true).open(dir.join("disk.img")).expect("disk");
         f.set_len(size).expect("size");
