@@ -628,7 +628,7 @@ pub fn build_microvm_from_snapshot(
             (None, "eager")
         }
     };
-    if std::env::var_os("STASIS_EXPERIMENT_NO_DIRTY").is_none() { dirty.start(&vm, &mem)?; }
+    dirty.start(&vm, &mem)?;
     phase("memory set up");
 
     // vCPUs (and so their LAPICs) before the VM-wide interrupt controller
