@@ -497,6 +497,12 @@ fn rebuild_disk(dir: &Path, snapshot: &persist::SnapshotDir, file: &str, target:
     Ok(())
 }
 
+/// Logs (at debug level) that a restore reached `what`, with the time
+/// since its process started.
+pub fn restore_phase(process_start: Instant, what: &str) {
+    log::debug!("restore: {what} at {:.1} ms", process_start.elapsed().as_secs_f64() * 1000.0);
+}
+
 /// Rebuilds a microVM from the snapshot in `dir`, with its vCPUs, in-kernel
 /// devices and emulated devices in their saved state, memory loaded and
 /// disks opened as `options` say. `process_start` is when this process
@@ -507,7 +513,7 @@ pub fn build_microvm_from_snapshot(
     process_start: Instant,
 ) -> Result<Vmm, BuildError> {
     let memory = options.memory;
-    let phase = |what: &str| log::debug!("restore: {what} at {:.1} ms", process_start.elapsed().as_secs_f64() * 1000.0);
+    let phase = |what: &str| restore_phase(process_start, what);
     // Everything from the files is read and checked before KVM is touched.
     phase("restore started");
     // A backup in a store: a merge killed half way is finished first.

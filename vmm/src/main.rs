@@ -504,8 +504,7 @@ fn print_restore_report(report: Option<RestoreReport>, json: bool) {
 }
 
 fn restore(args: RestoreArgs, start: Instant) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let phase = |what: &str| log::debug!("restore: {what} at {:.1} ms", start.elapsed().as_secs_f64() * 1000.0);
-    phase("command line read");
+    builder::restore_phase(start, "command line read");
     let memory = match args.memory {
         MemoryArg::Lazy => MemoryMode::Lazy {
             prefetch: matches!(args.prefetch, OnOff::On),
@@ -525,7 +524,7 @@ fn restore(args: RestoreArgs, start: Instant) -> Result<ExitCode, Box<dyn std::e
     };
     let options = RestoreOptions { memory, disks, vsock_uds: args.vsock_uds, content: args.content.config()? };
     args.seccomp.init()?;
-    phase("seccomp filters compiled");
+    builder::restore_phase(start, "seccomp filters compiled");
     let mut vmm = builder::build_microvm_from_snapshot(&args.dir, &options, start)?;
     vmm.set_snapshot_progress(progress_bar());
     let (result, report) = vmm.run(args.api_sock.as_deref());
