@@ -409,8 +409,8 @@ pub fn guarded<T>(f: impl FnOnce() -> Res<T>) -> Res<T> {
             let msg = LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
             // The whole message (a timed-out wait adds where each of the
             // VMM's threads was) on stderr; its first line in the row.
-            if let Some((head, threads)) = msg.as_deref().and_then(|m| m.split_once("\n--- threads of process")) {
-                note(&format!("the end of its output: {}\nthreads of process{threads}", last_chars(head, 2000)));
+            if let Some((head, threads)) = msg.as_deref().and_then(|m| m.split_once(crate::THREAD_DUMP)) {
+                note(&format!("the end of its output: {}{}{threads}", last_chars(head, 2000), crate::THREAD_DUMP));
             }
             Err(msg.and_then(|m| m.lines().next().map(str::to_string)).unwrap_or_else(|| "panic".into()))
         }

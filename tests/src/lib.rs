@@ -594,13 +594,16 @@ impl Drop for Guest {
     }
 }
 
+/// How [`thread_dump`]'s part of a failed wait's message begins.
+pub const THREAD_DUMP: &str = "\n--- threads of process";
+
 /// Where each thread of process `pid` is, for a wait that timed out: its
 /// name, state, the kernel function it sleeps in and, where the kernel
 /// shows it (root), its kernel stack. So a hang (a vCPU waiting on a
 /// fault no one serves, a thread waiting on a lock) says where it is.
 fn thread_dump(pid: u32) -> String {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return String::new() };
-    let mut out = format!("\n--- threads of process {pid} at the timeout ---\n");
+    let mut out = format!("{THREAD_DUMP} {pid} at the timeout ---\n");
     let mut tasks: Vec<_> = tasks.flatten().map(|t| t.path()).collect();
     tasks.sort();
     for task in tasks {
