@@ -28,7 +28,7 @@ use stasis::checkpoint::writer::{
     DEFAULT_LEVEL, DEFAULT_MEMORY_BLOCK_SIZE, DEFAULT_STORAGE_BLOCK_SIZE,
 };
 use stasis::checkpoint::{
-    write_checkpoint, BlockKind, ImageSource, Reader, ReaderOptions, WriterOptions,
+    write_checkpoint, BlockChecksum, BlockKind, ImageSource, Reader, ReaderOptions, WriterOptions,
 };
 
 const MIB: usize = 1 << 20;
@@ -555,6 +555,8 @@ fn main() {
                 level: cfg.level,
                 threads: 0,
                 parent_index_crc: None,
+                // What snapshots write (vmm.rs); backups keep CRC-32C.
+                checksum: BlockChecksum::Xxh64,
             };
             let cpu_before = cpu_time();
             let stats =
