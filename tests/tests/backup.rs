@@ -384,7 +384,7 @@ fn kill_during_backup(guest: Guest, sock: &Path, store: &Path, state: &Path, aft
 
 /// The newest backup directory of a store.
 fn latest(store: &Path) -> std::path::PathBuf {
-    store.join(names(store).into_iter().filter(|n| n.len() == 6).next_back().expect("a backup"))
+    store.join(names(store).into_iter().rfind(|n| n.len() == 6).expect("a backup"))
 }
 
 #[test]

@@ -41,7 +41,7 @@ fn boot(dir: &Path, extra: &[&str]) -> Guest {
     let disk = dir.join("disk.img");
     std::fs::File::create(&disk).and_then(|f| f.set_len(8 << 20)).expect("disk");
     let vsock = format!("3,{}", dir.join("v.sock").display());
-    let mut args = vec!["--disk", disk.to_str().unwrap(), "--vsock", &vsock];
+    let mut args = vec!["--disk", disk.to_str().expect("a UTF-8 path"), "--vsock", &vsock];
     args.extend_from_slice(extra);
     let (mut guest, sock) = boot_with_api(dir, "vm", &args);
     assert_eq!(guest.query("UP", "echo UP=yes"), "yes");

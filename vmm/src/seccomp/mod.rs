@@ -431,6 +431,7 @@ mod tests {
             confine(ThreadKind::Vcpu).expect("confine");
             forbidden_open();
             // Not reached.
+            // SAFETY: ends the forked child at once, as `in_child` expects.
             unsafe { libc::_exit(7) };
         });
         assert!(libc::WIFSIGNALED(status), "status {status:#x}");
@@ -457,7 +458,10 @@ mod tests {
             init(Mode::Trap).expect("init");
             confine(ThreadKind::Vcpu).expect("confine");
             let byte = b'x';
+            // SAFETY: TIOCSTI reads one byte, which `byte` is; the filter
+            // stops the call before it runs anyway.
             unsafe { libc::ioctl(0, libc::TIOCSTI, &byte) };
+            // SAFETY: ends the forked child at once, as `in_child` expects.
             unsafe { libc::_exit(7) };
         });
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 1, "status {status:#x}: {stderr}");
@@ -484,6 +488,7 @@ mod tests {
             init(Mode::Trap).expect("init");
             confine(ThreadKind::Vcpu).expect("confine");
             forbidden_open();
+            // SAFETY: ends the forked child at once, as `in_child` expects.
             unsafe { libc::_exit(7) };
         });
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 1, "status {status:#x}: {stderr}");
@@ -498,8 +503,10 @@ mod tests {
             for _ in 0..3 {
                 let fd = forbidden_open();
                 if fd < 0 {
+                    // SAFETY: ends the forked child at once, as `in_child` expects.
                     unsafe { libc::_exit(8) };
                 }
+                // SAFETY: `fd` was opened above and is closed once.
                 unsafe { libc::close(fd) };
             }
         });
@@ -519,6 +526,6 @@ mod tests {
     fn modes_parse() {
         assert_eq!("enforce".parse::<Mode>(), Ok(Mode::Enforce));
         assert_eq!("log".parse::<Mode>(), Ok(Mode::Log));
-        assert!("kill".parse::<Mode>().unwrap_err().contains("enforce, trap, log or off"));
+        assert!("kill".parse::<Mode>().expect_err("not a mode").contains("enforce, trap, log or off"));
     }
 }
