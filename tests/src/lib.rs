@@ -346,7 +346,14 @@ struct Output {
     open_pipes: usize,
     /// Both pipes reached end of file.
     closed: bool,
+    /// The pipe (0 stdout, 1 stderr) whose line `bytes` ends in the middle
+    /// of, if any.
+    partial_line: Option<usize>,
 }
+
+/// How long one pipe's output waits for the other pipe to end the line it
+/// is printing before going in anyway (a prompt never ends its line).
+const LINE_WAIT: Duration = Duration::from_millis(300);
 
 /// A running guest: its console input, and everything it has printed.
 pub struct Guest {
@@ -371,19 +378,20 @@ impl Guest {
     pub fn spawn_command(mut cmd: Command) -> Guest {
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-        let output = Output { bytes: Vec::new(), open_pipes: 2, closed: false };
+        let output = Output { bytes: Vec::new(), open_pipes: 2, closed: false, partial_line: None };
         let output = Arc::new((Mutex::new(output), Condvar::new()));
         let mut pipes = 0;
-        for pipe in [
+        for (index, pipe) in [
             child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
             child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
         ]
         .into_iter()
-        .flatten()
+        .enumerate()
         {
+            let Some(pipe) = pipe else { continue };
             pipes += 1;
             let output = output.clone();
-            thread::spawn(move || pump(pipe, &output));
+            thread::spawn(move || pump(pipe, index, &output));
         }
         assert_eq!(pipes, 2, "child pipes missing");
         Guest { stdin: child.stdin.take(), child: Mutex::new(child), output, started: Instant::now() }
@@ -620,7 +628,13 @@ fn thread_dump(pid: u32) -> String {
     out
 }
 
-fn pump(mut pipe: Box<dyn Read + Send>, output: &(Mutex<Output>, Condvar)) {
+/// Copies pipe `index` (0 stdout, 1 stderr) into `output`. The two pipes
+/// are merged line by line where they can be: bytes of one pipe wait (up to
+/// [`LINE_WAIT`]) while the other pipe's line is unfinished, so a VMM log
+/// line on stderr does not land inside a guest's console line on stdout
+/// (the serial console prints byte by byte) and hide an answer a test waits
+/// for.
+fn pump(mut pipe: Box<dyn Read + Send>, index: usize, output: &(Mutex<Output>, Condvar)) {
     let mut buf = [0u8; 4096];
     let mut line = Vec::new();
     loop {
@@ -631,10 +645,22 @@ fn pump(mut pipe: Box<dyn Read + Send>, output: &(Mutex<Output>, Condvar)) {
         if n == 0 {
             out.open_pipes -= 1;
             out.closed = out.open_pipes == 0;
+            if out.partial_line == Some(index) {
+                out.partial_line = None;
+            }
             cond.notify_all();
             return;
         }
+        let deadline = Instant::now() + LINE_WAIT;
+        while out.partial_line.is_some_and(|other| other != index) {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            out = cond.wait_timeout(out, deadline - now).expect("output lock").0;
+        }
         out.bytes.extend_from_slice(&buf[..n]);
+        out.partial_line = (buf[n - 1] != b'\n').then_some(index);
         cond.notify_all();
     }
 }
@@ -687,4 +713,24 @@ pub fn assert_refused(args: &[&str], envs: &[(&str, &str)], needle: &str) {
     assert!(lines[0].contains(needle), "{args:?}: {:?} not in {stderr}", needle);
     assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
     assert!(stdout.is_empty(), "{args:?} printed on stdout: {stdout}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stderr_line_does_not_split_a_console_line() {
+        // The console prints byte by byte; a log line on stderr comes
+        // between two of them.
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "printf PO; sleep 0.1; echo 'a log line' >&2; sleep 0.1; printf 'NG=2\\n'; sleep 0.2; printf '~ # '; sleep 0.5; echo late >&2"]);
+        let guest = Guest::spawn_command(cmd);
+        let (_, output) = guest.wait_exit(Duration::from_secs(10));
+        assert!(output.contains("PONG=2\n"), "{output:?}");
+        assert!(output.contains("a log line\n"), "{output:?}");
+        // A line never ended (a prompt) holds the other pipe back only for
+        // a while.
+        assert!(output.ends_with("~ # late\n"), "{output:?}");
+    }
 }
