@@ -664,12 +664,8 @@ pub fn build_microvm_from_snapshot(
     for vcpu in &vcpus {
         vcpu.notify_paused();
     }
-    // The working set loaded while the VM was being rebuilt; the vCPUs
-    // start once it is in, when asked to.
-    if let (Some(lazy), MemoryMode::Lazy { working_set_before: true, .. }) = (&lazy, memory) {
-        lazy.wait_working_set()?;
-        phase("working set loaded");
-    }
+    // A working set loaded "before" is in guest memory already
+    // (uffd::preload, above); one loaded "during" comes in beside the vCPUs.
     let msr_indices = Arc::new(vcpu::msrs_to_save(&kvm)?);
     Ok(Vmm {
         kvm,
