@@ -478,18 +478,23 @@ fn run_stasis(o: &Opts, dir: &Path, args: &[&str], sock: &Path, sum: &str) -> Re
     f.loader(&status);
     f.same = sha256(&mut guest)? == sum;
     let output = poweroff(guest, EXIT_TIMEOUT)?;
-    if std::env::var_os("BENCH_VMM_LOG").is_some() {
-        // For finding where a restore's time goes (with RUST_LOG set): the
-        // VMM's log lines, on stderr beside the progress.
-        for line in output.lines().filter(|l| l.starts_with('[')) {
-            note(&format!("vmm {}: {line}", args.join(" ")));
-        }
-    }
+    note_vmm_log(args, &output);
     f.latency = report_latency(&output);
     if f.latency.is_none() {
         note("no restore report (--json) in the VM's output");
     }
     Ok(f)
+}
+
+/// With `BENCH_VMM_LOG` set, for finding where a restore's time goes (with
+/// `RUST_LOG` set too): the VMM's log lines in `output`, on stderr beside
+/// the progress.
+fn note_vmm_log(args: &[&str], output: &str) {
+    if std::env::var_os("BENCH_VMM_LOG").is_some() {
+        for line in output.lines().filter(|l| l.starts_with('[')) {
+            note(&format!("vmm {}: {line}", args.join(" ")));
+        }
+    }
 }
 
 /// Records the working set of `dir`: the `working-set` line's fields.
@@ -512,7 +517,7 @@ fn record_working_set(o: &Opts, caps: &Caps, dir: &Path, sock: &Path) -> Res<Str
         }
         thread::sleep(Duration::from_millis(100));
     };
-    poweroff(r.guest, EXIT_TIMEOUT)?;
+    note_vmm_log(&args, &poweroff(r.guest, EXIT_TIMEOUT)?);
     let (_, inspect) = run_tool(
         Command::new(&o.common.stasis).args(["checkpoint", "inspect"]).arg(dir).arg("--json"),
         ANSWER_TIMEOUT,

@@ -466,10 +466,12 @@ fn write_working_set(
     match ws {
         Ok(Some(ws)) => writeln!(
             out,
-            "working set  {} block{} ({}) recorded over {} ms, loaded first on restore",
+            "working set  {} block{} ({}; the guest touched {} page{} of them) recorded over {} ms, loaded first on restore",
             ws.blocks,
             if ws.blocks == 1 { "" } else { "s" },
             human(ws.bytes),
+            ws.pages,
+            if ws.pages == 1 { "" } else { "s" },
             ws.window_ms
         ),
         Ok(None) => writeln!(out, "working set  none (the next lazy restore records one)"),

@@ -394,7 +394,7 @@ impl LazyMemory {
             WorkingSetPlan::Off => (Vec::new(), None, None),
             WorkingSetPlan::Load { set } => (set.blocks, None, None),
             WorkingSetPlan::Record { window, dir } => (Vec::new(), Some((window, dir)), None),
-            WorkingSetPlan::Preloaded { set, took } => (Vec::new(), None, Some((set.blocks, took))),
+            WorkingSetPlan::Preloaded { set, took } => (Vec::new(), None, Some((set, took))),
         };
         let state: Vec<AtomicU8> = (0..count).map(|_| AtomicU8::new(MISSING)).collect();
         let mut in_set = vec![false; count];
@@ -404,14 +404,20 @@ impl LazyMemory {
             }
         }
         let stats = LoaderStats::default();
-        if let Some((blocks, took)) = &preloaded {
+        if let Some((set, took)) = &preloaded {
+            // A block the preload filled only the guest's pages of stays
+            // missing: its other pages fault in (the copy steps over the
+            // pages that are in).
+            let block_size = reader.header().memory_block_size as usize;
             let mut in_place = 0;
-            for &b in blocks {
-                if b < count && state[b].swap(LOADED, Ordering::Relaxed) != LOADED {
-                    in_place += 1;
-                    if infos[b].kind != BlockKind::Zero {
-                        data_missing -= 1;
-                    }
+            for (i, &b) in set.blocks.iter().enumerate() {
+                if b >= count {
+                    continue;
+                }
+                in_place += 1;
+                let whole = set.page_mask(i, block_size).is_none_or(|mask| working_set::covers(mask, infos[b].len));
+                if whole && state[b].swap(LOADED, Ordering::Relaxed) != LOADED && infos[b].kind != BlockKind::Zero {
+                    data_missing -= 1;
                 }
             }
             stats.set_working_set(WorkingSetState::Loaded);
@@ -463,10 +469,14 @@ impl LazyMemory {
                 .map_err(UffdError::Spawn)?;
             lazy.threads.push(thread);
         }
+        let block_size = shared.reader.header().memory_block_size as usize;
         let handler = FaultThread {
             reader: shared.reader.try_clone().map_err(|e| UffdError::Load(error_chain(&e)))?,
             shared: shared.clone(),
             buf: vec![0u8; FAULT_BATCH * shared.reader.header().memory_block_size as usize],
+            page_bits: if record.is_some() { vec![0; count * working_set::mask_words(block_size)] } else { Vec::new() },
+            page_source: None,
+            page_buf: if record.is_some() { vec![0; block_size] } else { Vec::new() },
             record,
             recorded: Vec::new(),
             seen: vec![false; count],
@@ -833,6 +843,13 @@ struct FaultThread {
     /// Blocks faulted on while recording, in order.
     recorded: Vec<usize>,
     seen: Vec<bool>,
+    /// While recording: the pages faulted on, `mask_words` words of bits
+    /// per block of the checkpoint.
+    page_bits: Vec<u64>,
+    /// While recording: the block last decompressed for a page of it, and
+    /// its data.
+    page_source: Option<usize>,
+    page_buf: Vec<u8>,
 }
 
 impl FaultThread {
@@ -932,6 +949,13 @@ impl FaultThread {
                 let _ = shared.uffd.wake(page as *mut libc::c_void, 4096);
                 continue;
             }
+            if self.record.is_some() {
+                // Recording: this page alone, so each page the guest needs
+                // shows as a fault of its own.
+                self.load_page(block, host)?;
+                shared.stats.time_fault(began.elapsed());
+                continue;
+            }
             // A block a loader thread claimed is loaded here as well rather
             // than waited for. Neighbours come along only when unclaimed,
             // and not while recording, which must see each block the guest
@@ -953,12 +977,53 @@ impl FaultThread {
         Ok(())
     }
 
+    /// Loads the page at `host` of `block` alone, while recording, and
+    /// notes it. The rest of the block stays missing, for its own faults
+    /// (and for prefetch once the recording ends: a copy steps over pages
+    /// that are in).
+    fn load_page(&mut self, block: usize, host: usize) -> Result<(), String> {
+        let shared = self.shared.clone();
+        let info = &shared.infos[block];
+        let page = host & !0xfff;
+        let start = shared
+            .host_of(info.guest_addr)
+            .ok_or_else(|| format!("memory block {block} lies outside guest memory"))?;
+        let index = (page - start) / 4096;
+        let words = working_set::mask_words(shared.reader.header().memory_block_size as usize);
+        self.page_bits[block * words + index / 64] |= 1 << (index % 64);
+        if shared.is_data(block) {
+            if self.page_source != Some(block) {
+                self.page_source = None;
+                shared.reader.read_block(block, &mut self.page_buf[..info.len]).map_err(|e| {
+                    format!(
+                        "cannot load memory block {block} (guest address {:#x}) from the checkpoint: {}",
+                        info.guest_addr,
+                        error_chain(&e)
+                    )
+                })?;
+                self.page_source = Some(block);
+            }
+            let offset = page - start;
+            shared.copy_in(&self.page_buf[offset..offset + 4096], page)?;
+        } else {
+            shared.zero(page, 4096)?;
+        }
+        // The copy woke the vCPU unless the page was in already.
+        let _ = shared.uffd.wake(page as *mut libc::c_void, 4096);
+        Ok(())
+    }
+
     /// Ends the recording: loader threads may start, and the list is
     /// saved by a thread of its own.
     fn finish_recording(&mut self) {
         let Some((window, dir)) = self.record.take() else { return };
         let shared = &self.shared;
-        let set = WorkingSet { blocks: std::mem::take(&mut self.recorded), window_ms: window.as_millis() as u64 };
+        let blocks = std::mem::take(&mut self.recorded);
+        let words = working_set::mask_words(shared.reader.header().memory_block_size as usize);
+        let pages = blocks.iter().flat_map(|&b| self.page_bits[b * words..(b + 1) * words].iter().copied()).collect();
+        self.page_bits = Vec::new();
+        self.page_buf = Vec::new();
+        let set = WorkingSet { blocks, pages, window_ms: window.as_millis() as u64 };
         shared.stats.working_set_ms.store(shared.started.elapsed().as_millis().max(1) as u64, Ordering::Relaxed);
         shared.stats.set_working_set(WorkingSetState::Recorded);
         shared.recording.store(false, Ordering::Relaxed);
@@ -966,7 +1031,12 @@ impl FaultThread {
         let reader = shared.reader.clone();
         let spawned = std::thread::Builder::new().name("working-set".into()).spawn(move || {
             match working_set::save(&dir, &reader, &set) {
-                Ok(path) => log::info!("working set of {} blocks saved to {}", set.blocks.len(), path.display()),
+                Ok(path) => log::info!(
+                    "working set of {} blocks ({} pages) saved to {}",
+                    set.blocks.len(),
+                    set.page_count(reader.header().memory_block_size as usize),
+                    path.display()
+                ),
                 Err(e) => log::warn!("{}", error_chain(&e)),
             }
         });
@@ -1024,6 +1094,9 @@ struct PreloadRun {
     /// Zero blocks only, else data blocks only.
     zero: bool,
     blocks: std::ops::Range<usize>,
+    /// One block of which only the pages of this mask are loaded; `None`:
+    /// every page of every block of the run.
+    mask: Option<Vec<u64>>,
 }
 
 /// Loads the blocks of `set` straight into guest memory that is not
@@ -1032,36 +1105,53 @@ struct PreloadRun {
 /// device is attached yet.
 ///
 /// This is the working set loaded "before" the vCPUs start, at a lower
-/// cost than through the loader: each block is decompressed straight into
-/// guest memory, so there is no buffer and no `UFFDIO_COPY` (whose copy,
-/// page by page in the kernel, costs as much as the decompression); the
-/// pages are first allocated in one `MADV_POPULATE_WRITE` per run of
-/// blocks rather than one page fault each. Zero blocks get the kernel's
-/// shared zero page (`MADV_POPULATE_READ`), so they fault neither into
-/// the handler nor into a fresh page until the guest writes them. Once
-/// the memory is registered, these pages are present: the guest never
-/// faults on them. Blocks outside the checkpoint are skipped; a block
-/// that cannot be read fails the restore, naming it.
+/// cost than through the loader: each whole block is decompressed straight
+/// into guest memory, so there is no buffer and no `UFFDIO_COPY` (whose
+/// copy, page by page in the kernel, costs as much as the decompression);
+/// the pages are first allocated in one `MADV_POPULATE_WRITE` per run of
+/// blocks rather than one page fault each. Of a block whose page mask
+/// names only some of its pages, only those are allocated and filled, from
+/// the block decompressed into a buffer: the guest touched about a quarter
+/// of the pages of its set's blocks, and allocating a page costs about as
+/// much as decompressing it. Zero blocks get the kernel's shared zero page
+/// (`MADV_POPULATE_READ`), so they fault neither into the handler nor into
+/// a fresh page until the guest writes them. Once the memory is
+/// registered, these pages are present: the guest never faults on them.
+/// Blocks outside the checkpoint are skipped; a block that cannot be read
+/// fails the restore, naming it.
 pub fn preload(mem: &GuestMemoryMmap, reader: &Reader, set: &WorkingSet) -> Result<Duration, UffdError> {
     let began = Instant::now();
-    let mut blocks: Vec<usize> = set.blocks.iter().copied().filter(|&b| b < reader.block_count()).collect();
-    blocks.sort_unstable();
-    blocks.dedup();
+    let block_size = reader.header().memory_block_size as usize;
+    let mut blocks: Vec<(usize, Option<&[u64]>)> = set
+        .blocks
+        .iter()
+        .enumerate()
+        .filter(|&(_, &b)| b < reader.block_count())
+        .map(|(i, &b)| (b, set.page_mask(i, block_size)))
+        .collect();
+    blocks.sort_unstable_by_key(|&(b, _)| b);
+    blocks.dedup_by_key(|&mut (b, _)| b);
     let mut infos = Vec::with_capacity(blocks.len());
-    for &b in &blocks {
+    for &(b, mask) in &blocks {
         let info = reader.block_info(b).ok_or(UffdError::Layout { gpa: 0 })?;
         // The whole block must lie in one region of guest memory.
         let slice = mem
             .get_slice(vm_memory::GuestAddress(info.guest_addr), info.len)
             .map_err(|_| UffdError::Layout { gpa: info.guest_addr })?;
-        infos.push((info, slice.ptr_guard_mut().as_ptr() as usize));
+        let mask = mask.filter(|m| !working_set::covers(m, info.len));
+        infos.push((info, slice.ptr_guard_mut().as_ptr() as usize, mask));
     }
     let mut runs: Vec<PreloadRun> = Vec::new();
-    for (i, (info, host)) in infos.iter().enumerate() {
+    for (i, (info, host, mask)) in infos.iter().enumerate() {
         let zero = info.kind == BlockKind::Zero;
+        if let Some(mask) = mask {
+            runs.push(PreloadRun { host: *host, len: info.len, zero, blocks: i..i + 1, mask: Some(mask.to_vec()) });
+            continue;
+        }
         if let Some(run) = runs.last_mut() {
-            let (last, _) = &infos[run.blocks.end - 1];
+            let (last, _, _) = &infos[run.blocks.end - 1];
             if run.zero == zero
+                && run.mask.is_none()
                 && run.blocks.len() < RUN_BLOCKS
                 && last.index + 1 == info.index
                 && last.guest_addr + last.len as u64 == info.guest_addr
@@ -1072,7 +1162,7 @@ pub fn preload(mem: &GuestMemoryMmap, reader: &Reader, set: &WorkingSet) -> Resu
                 continue;
             }
         }
-        runs.push(PreloadRun { host: *host, len: info.len, zero, blocks: i..i + 1 });
+        runs.push(PreloadRun { host: *host, len: info.len, zero, blocks: i..i + 1, mask: None });
     }
     // No transparent huge pages while populating: a write (or populate)
     // of one page could otherwise bring in a whole zeroed 2 MiB page,
@@ -1099,29 +1189,55 @@ pub fn preload(mem: &GuestMemoryMmap, reader: &Reader, set: &WorkingSet) -> Resu
     // CPU time populating and reading (decompressing), for the log: a
     // thread's wall time would count the CPU it shares with the KVM set-up.
     let (populate_us, read_us) = (AtomicU64::new(0), AtomicU64::new(0));
+    let pages = AtomicUsize::new(0);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_LOADER_THREADS);
     let work = || {
+        // A partly loaded block is decompressed here first.
+        let mut buf = Vec::new();
         while !failed.load(Ordering::Relaxed) {
             let Some(run) = runs.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
             let populating = thread_cpu_time();
             let advice = if run.zero { MADV_POPULATE_READ } else { MADV_POPULATE_WRITE };
-            // SAFETY: the range is guest memory, mapped for the life of the
-            // process; populating it changes no content. A kernel without
-            // the advice (before 5.14) refuses it, and the pages then come
-            // in on first touch below.
-            unsafe { libc::madvise(run.host as *mut libc::c_void, run.len, advice) };
+            // The ranges to allocate: the run, or each stretch of
+            // neighbouring pages of the mask.
+            let ranges: Vec<(usize, usize)> = match &run.mask {
+                None => vec![(0, run.len)],
+                Some(mask) => page_stretches(mask, run.len),
+            };
+            for &(offset, len) in &ranges {
+                pages.fetch_add(len.div_ceil(4096), Ordering::Relaxed);
+                // SAFETY: the range is guest memory, mapped for the life of
+                // the process; populating it changes no content. A kernel
+                // without the advice (before 5.14) refuses it, and the
+                // pages then come in on first touch below.
+                unsafe { libc::madvise((run.host + offset) as *mut libc::c_void, len, advice) };
+            }
             let reading = thread_cpu_time();
             populate_us.fetch_add((reading - populating).as_micros() as u64, Ordering::Relaxed);
             if run.zero {
                 continue;
             }
-            for (info, host) in &infos[run.blocks.clone()] {
-                // SAFETY: `host..host + info.len` is this block's part of
-                // guest memory (checked above), which no other thread
-                // touches until the preload is done: each block is in one
-                // run, each run taken by one thread, no vCPU runs yet.
-                let dst = unsafe { std::slice::from_raw_parts_mut(*host as *mut u8, info.len) };
-                if let Err(e) = reader.read_block(info.index, dst) {
+            for (info, host, _) in &infos[run.blocks.clone()] {
+                let result = if run.mask.is_none() {
+                    // SAFETY: `host..host + info.len` is this block's part
+                    // of guest memory (checked above), which no other
+                    // thread touches until the preload is done: each block
+                    // is in one run, each run taken by one thread, no vCPU
+                    // runs yet.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(*host as *mut u8, info.len) };
+                    reader.read_block(info.index, dst).map(|_| ())
+                } else {
+                    buf.resize(info.len, 0);
+                    reader.read_block(info.index, &mut buf).map(|data| {
+                        for &(offset, len) in &ranges {
+                            let src = &data[offset..offset + len];
+                            // SAFETY: as above; `offset..offset + len` lies
+                            // in the block (page_stretches keeps to it).
+                            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), (host + offset) as *mut u8, len) };
+                        }
+                    })
+                };
+                if let Err(e) = result {
                     failed.store(true, Ordering::Relaxed);
                     failure.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(format!(
                         "cannot load memory block {} (guest address {:#x}) from the checkpoint: {}",
@@ -1146,15 +1262,32 @@ pub fn preload(mem: &GuestMemoryMmap, reader: &Reader, set: &WorkingSet) -> Resu
     }
     let took = began.elapsed();
     log::info!(
-        "working set of {} blocks ({} runs) loaded into guest memory in {} ms, before registering it \
+        "working set of {} blocks ({} pages, {} runs) loaded into guest memory in {} ms, before registering it \
          (CPU time: {} ms allocating pages, {} ms reading and decompressing, over {threads} threads)",
         blocks.len(),
+        pages.into_inner(),
         runs.len(),
         took.as_millis(),
         populate_us.into_inner() / 1000,
         read_us.into_inner() / 1000,
     );
     Ok(took)
+}
+
+/// The stretches of neighbouring pages `mask` names in a block of `len`
+/// bytes, as (offset, length) in bytes.
+fn page_stretches(mask: &[u64], len: usize) -> Vec<(usize, usize)> {
+    let pages = len.div_ceil(4096);
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for page in (0..pages).filter(|&p| working_set::has_page(mask, p)) {
+        let offset = page * 4096;
+        let page_len = (len - offset).min(4096);
+        match out.last_mut() {
+            Some((start, stretch)) if *start + *stretch == offset => *stretch += page_len,
+            _ => out.push((offset, page_len)),
+        }
+    }
+    out
 }
 
 /// The calling thread's CPU time so far.
@@ -1334,7 +1467,7 @@ mod tests {
 
     #[test]
     fn a_working_set_waited_for_is_in_place_without_faults() {
-        let set = WorkingSet { blocks: vec![41, 2, 40, 10], window_ms: 1 };
+        let set = WorkingSet::whole_blocks(vec![41, 2, 40, 10], 1);
         let (_dir, image, mem, lazy, failed) =
             lazy_with(LazyOptions { prefetch: false, working_set: WorkingSetPlan::Load { set } });
         lazy.wait_working_set().expect("loads the working set");
@@ -1370,7 +1503,7 @@ mod tests {
         let host = mem.get_host_address(GuestAddress(0)).expect("host address");
         // SAFETY: the whole of the test's guest memory; advice only.
         unsafe { libc::madvise(host.cast(), SIZE, libc::MADV_HUGEPAGE) };
-        let set = WorkingSet { blocks: vec![130, 3, 4, 5, 200, 9999], window_ms: 1 };
+        let set = WorkingSet::whole_blocks(vec![130, 3, 4, 5, 200, 9999], 1);
         let took = preload(&mem, &reader, &set).expect("preloads");
         let options = LazyOptions { prefetch: false, working_set: WorkingSetPlan::Preloaded { set, took } };
         let (failures, failed) = channel::<MemoryFailure>();
@@ -1395,6 +1528,51 @@ mod tests {
     }
 
     #[test]
+    fn a_preload_fills_only_the_pages_of_a_blocks_mask_and_the_rest_faults_in() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("mem.ckpt");
+        let image = image();
+        let options_w = WriterOptions { memory_block_size: BLOCK as u32, storage_block_size: 4 * BLOCK as u32, level: 1, threads: 1, ..WriterOptions::default() };
+        write_checkpoint(&path, &ImageSource::new(vec![(0, &image[..])]), &options_w, &mut |_, _| {}).expect("writes");
+        let reader = Reader::open(&path).expect("opens");
+        let mem = crate::vstate::memory::create_guest_memory(MEM as u64).expect("guest memory");
+        let host = mem.get_host_address(GuestAddress(0)).expect("host address") as usize;
+        // Block 40: pages 0 and 2; block 41: every page (a whole block);
+        // block 1: page 3.
+        let set = WorkingSet { blocks: vec![40, 41, 1], pages: vec![0b0101, 0b1111, 0b1000], window_ms: 1 };
+        let took = preload(&mem, &reader, &set).expect("preloads");
+        let resident = |offset: usize| {
+            let mut v = 0u8;
+            // SAFETY: one page of the test's guest memory; mincore only
+            // reports whether it is in memory.
+            let rc = unsafe { libc::mincore((host + offset) as *mut libc::c_void, 4096, &mut v) };
+            assert_eq!(rc, 0);
+            v & 1 == 1
+        };
+        let page = |block: usize, p: usize| block * BLOCK + p * 4096;
+        let present: Vec<bool> = [(40, 0), (40, 1), (40, 2), (40, 3), (41, 0), (41, 3), (1, 2), (1, 3)]
+            .iter()
+            .map(|&(b, p)| resident(page(b, p)))
+            .collect();
+        assert_eq!(present, [true, false, true, false, true, true, false, true]);
+        let options = LazyOptions { prefetch: false, working_set: WorkingSetPlan::Preloaded { set, took } };
+        let (failures, failed) = channel::<MemoryFailure>();
+        let lazy = LazyMemory::start(&mem, Arc::new(reader), options, failures).expect("userfaultfd (run as root)");
+        // The preloaded pages hold their data, without a fault.
+        assert_eq!(read(&mem, page(40, 0), 4096), image[page(40, 0)..page(40, 1)]);
+        assert_eq!(read(&mem, page(40, 2), 4096), image[page(40, 2)..page(40, 3)]);
+        assert_eq!(read(&mem, page(41, 0), BLOCK), image[page(41, 0)..page(42, 0)]);
+        assert_eq!(read(&mem, page(1, 3), 4096), image[page(1, 3)..page(2, 0)]);
+        assert_eq!(lazy.stats().faults, 0, "{:?}", lazy.stats());
+        // The other pages of a partly loaded block fault in, with the
+        // checkpoint's data; so does all the rest.
+        assert_eq!(read(&mem, page(40, 1), 4096), image[page(40, 1)..page(40, 2)]);
+        assert_eq!(lazy.stats().faults, 1, "{:?}", lazy.stats());
+        assert_eq!(read(&mem, 0, MEM), image);
+        assert!(failed.try_recv().is_err());
+    }
+
+    #[test]
     fn a_preload_of_a_damaged_block_fails_naming_it() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("mem.ckpt");
@@ -1408,14 +1586,14 @@ mod tests {
         std::fs::write(&path, &bytes).expect("writes");
         let reader = Reader::open(&path).expect("still opens: the index is intact");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory");
-        let set = WorkingSet { blocks: vec![1, 41], window_ms: 1 };
+        let set = WorkingSet::whole_blocks(vec![1, 41], 1);
         let err = preload(&mem, &reader, &set).expect_err("a damaged block fails the preload");
         assert!(err.to_string().contains("memory block 41"), "{err}");
     }
 
     #[test]
     fn a_working_set_loaded_while_the_guest_runs_comes_first_then_the_rest() {
-        let set = WorkingSet { blocks: vec![42, 43], window_ms: 1 };
+        let set = WorkingSet::whole_blocks(vec![42, 43], 1);
         let (_dir, image, mem, lazy, failed) =
             lazy_with(LazyOptions { prefetch: true, working_set: WorkingSetPlan::Load { set } });
         wait_for("the working set and then the rest", &lazy, |r| r.resident_after_ms.is_some());
@@ -1438,9 +1616,11 @@ mod tests {
         assert_eq!(read(&mem, 41 * BLOCK + 7, 1)[0], image[41 * BLOCK + 7]);
         assert!(read(&mem, 30 * BLOCK, 1)[0] == 0);
         assert_eq!(read(&mem, 2 * BLOCK, BLOCK), image[2 * BLOCK..3 * BLOCK]);
+        assert_eq!(read(&mem, 41 * BLOCK + 3 * 4096, 1)[0], image[41 * BLOCK + 3 * 4096]);
         let report = lazy.stats();
-        // One block per fault while recording; nothing prefetched yet.
-        assert_eq!((report.faults, report.blocks_on_fault, report.blocks_prefetched), (3, 3, 0), "{report:?}");
+        // One page per fault while recording (block 2's four, block 41's
+        // two, block 30's one); nothing prefetched yet.
+        assert_eq!((report.faults, report.blocks_on_fault, report.blocks_prefetched), (7, 0, 0), "{report:?}");
         assert_eq!(report.working_set.state, WorkingSetState::Recording);
         wait_for("the end of the recording", &lazy, |r| r.working_set.state == WorkingSetState::Recorded);
         wait_for("prefetch after the recording", &lazy, |r| r.resident_after_ms.is_some());
@@ -1452,7 +1632,7 @@ mod tests {
             assert!(Instant::now() < deadline, "no working set saved");
             std::thread::sleep(Duration::from_millis(5));
         };
-        assert_eq!(saved, WorkingSet { blocks: vec![41, 30, 2], window_ms: 1500 });
+        assert_eq!(saved, WorkingSet { blocks: vec![41, 30, 2], pages: vec![0b1001, 0b0001, 0b1111], window_ms: 1500 });
         assert_eq!(read(&mem, 0, MEM), image);
         assert!(failed.try_recv().is_err());
     }

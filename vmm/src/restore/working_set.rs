@@ -12,11 +12,22 @@
 //! **How it is recorded.** A lazy restore of a snapshot without a working
 //! set records one: for a window after memory is set up (2 s by default)
 //! the fault handler notes each block the guest faults on, in the order of
-//! the faults. Background prefetch waits for the window to end, so that
-//! each block the guest needs in that time is seen as a fault and none is
-//! hidden by having been prefetched; faults load one block each meanwhile
-//! (no batching of neighbours), for the same reason. The list is then
-//! saved beside the snapshot as [`WORKING_SET_FILE`]. Faults are the one
+//! the faults, and which pages of it the guest touched. Background
+//! prefetch waits for the window to end, so that each page the guest needs
+//! in that time is seen as a fault and none is hidden by having been
+//! prefetched; for the same reason a fault meanwhile loads only its own
+//! page (from the block, decompressed once), not the whole block. The
+//! list is then saved beside the snapshot as [`WORKING_SET_FILE`].
+//!
+//! **Why pages.** The guest touches about a quarter of the pages of the
+//! blocks it needs on its way back (1,256 of 4,608 in the 288 blocks of the
+//! benchmark guest's set). A restore that loads the set before the vCPUs
+//! start allocates and fills only those pages; the rest of each block
+//! comes in on a fault if the guest ever touches it. Allocating a page
+//! costs about as much as decompressing it in the test host (see
+//! docs/snapshots.md), so this saves most of the allocation; decompression
+//! is by whole blocks either way. Version 1 files, from before pages were
+//! recorded, still load: as whole blocks. Faults are the one
 //! exact record of what the guest reads as well as writes: dirty tracking
 //! before the snapshot would see only the writes, and the restore path is
 //! mostly reads (kernel text, the shell's code).
@@ -28,7 +39,7 @@
 //! damaged, is ignored with a warning (and a fresh one recorded in its
 //! place); it can never make a restore load wrong data, since blocks
 //! always come from the checkpoint itself. It is metadata only: a list of
-//! block numbers, a few KiB, never a second copy of memory.
+//! block numbers and page masks, a few KiB, never a second copy of memory.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -42,8 +53,11 @@ pub const WORKING_SET_FILE: &str = "working-set.json";
 /// The `format` field of the file.
 const FORMAT: &str = "stasis-working-set";
 
-/// The file's version.
-const VERSION: u32 = 1;
+/// The file's version: 2 has page masks; 1 (whole blocks) is still read.
+const VERSION: u32 = 2;
+
+/// Bytes of a page, the unit of a page mask.
+const PAGE: usize = 4096;
 
 /// Longest file read: a list of a million block numbers is far more than
 /// any checkpoint needs (a 64 GiB guest has a million 64 KiB blocks).
@@ -93,7 +107,11 @@ struct FileForm {
     window_ms: u64,
     /// Block numbers, in the order the guest first needed them.
     blocks: Vec<u64>,
-    /// CRC-32C of `blocks` as little-endian u64s.
+    /// Version 2: the page mask of each block, `mask_words` words each
+    /// (see [`WorkingSet::pages`]). Absent in version 1.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pages: Vec<u64>,
+    /// CRC-32C of `blocks` and then `pages` as little-endian u64s.
     blocks_crc: u32,
 }
 
@@ -102,8 +120,51 @@ struct FileForm {
 pub struct WorkingSet {
     /// Block numbers of the checkpoint, each once, in the order to load.
     pub blocks: Vec<usize>,
+    /// The pages of each block the guest touched: for `blocks[i]`, words
+    /// `i * w..(i + 1) * w` with `w` = [`mask_words`] of the block size,
+    /// page 0 of the block in bit 0 of the first word. Empty: every page of
+    /// every block (a version 1 file).
+    pub pages: Vec<u64>,
     /// How long the recording ran, in milliseconds.
     pub window_ms: u64,
+}
+
+impl WorkingSet {
+    /// A set of whole blocks.
+    pub fn whole_blocks(blocks: Vec<usize>, window_ms: u64) -> Self {
+        WorkingSet { blocks, pages: Vec::new(), window_ms }
+    }
+
+    /// The page mask of `blocks[i]` for blocks of `block_size` bytes;
+    /// `None` when the set is of whole blocks.
+    pub fn page_mask(&self, i: usize, block_size: usize) -> Option<&[u64]> {
+        let w = mask_words(block_size);
+        self.pages.get(i * w..(i + 1) * w)
+    }
+
+    /// How many pages of guest memory the set names.
+    pub fn page_count(&self, block_size: usize) -> usize {
+        if self.pages.is_empty() {
+            self.blocks.len() * block_size.div_ceil(PAGE)
+        } else {
+            self.pages.iter().map(|w| w.count_ones() as usize).sum()
+        }
+    }
+}
+
+/// Words of a page mask for blocks of `block_size` bytes.
+pub fn mask_words(block_size: usize) -> usize {
+    block_size.div_ceil(PAGE).div_ceil(64)
+}
+
+/// Whether `mask` names every page of a block of `len` bytes.
+pub fn covers(mask: &[u64], len: usize) -> bool {
+    (0..len.div_ceil(PAGE)).all(|p| has_page(mask, p))
+}
+
+/// Whether page `page` is set in `mask`.
+pub fn has_page(mask: &[u64], page: usize) -> bool {
+    mask.get(page / 64).is_some_and(|w| w & (1 << (page % 64)) != 0)
 }
 
 /// What the working set of a snapshot directory is, for `inspect`.
@@ -115,12 +176,15 @@ pub struct WorkingSetSummary {
     pub blocks: usize,
     /// Their guest memory bytes.
     pub bytes: u64,
+    /// The pages of those blocks the guest touched (all of them for a
+    /// version 1 file).
+    pub pages: usize,
     /// How long the recording ran, in milliseconds.
     pub window_ms: u64,
 }
 
-fn blocks_crc(blocks: &[u64]) -> u32 {
-    let bytes: Vec<u8> = blocks.iter().flat_map(|b| b.to_le_bytes()).collect();
+fn blocks_crc(blocks: &[u64], pages: &[u64]) -> u32 {
+    let bytes: Vec<u8> = blocks.iter().chain(pages).flat_map(|b| b.to_le_bytes()).collect();
     crc32c::crc32c(&bytes)
 }
 
@@ -163,10 +227,10 @@ fn parse(
     if form.format != FORMAT {
         return Err(damaged(format!("its format is {:?}, not {FORMAT:?}", form.format)));
     }
-    if form.version != VERSION {
-        return Err(damaged(format!("version {} is not supported (this build reads {VERSION})", form.version)));
+    if form.version != 1 && form.version != VERSION {
+        return Err(damaged(format!("version {} is not supported (this build reads 1 and {VERSION})", form.version)));
     }
-    if blocks_crc(&form.blocks) != form.blocks_crc {
+    if blocks_crc(&form.blocks, &form.pages) != form.blocks_crc {
         return Err(damaged("its block list does not match its checksum".into()));
     }
     if form.checkpoint_index_crc != index_crc {
@@ -194,7 +258,29 @@ fn parse(
         }
         blocks.push(index);
     }
-    Ok(WorkingSet { blocks, window_ms: form.window_ms })
+    // Version 1 has no masks; version 2 one per block, naming at least one
+    // page and none past the block's end.
+    let w = mask_words(block_size as usize);
+    let pages_per_block = (block_size as usize).div_ceil(PAGE);
+    if form.version == 1 && !form.pages.is_empty() {
+        return Err(damaged("a version 1 file has no page masks".into()));
+    }
+    if form.version == VERSION {
+        if form.pages.len() != blocks.len() * w {
+            return Err(damaged(format!(
+                "it has {} page mask words for {} blocks ({w} each expected)",
+                form.pages.len(),
+                blocks.len()
+            )));
+        }
+        for (i, mask) in form.pages.chunks(w).enumerate() {
+            let past_end = (pages_per_block..w * 64).any(|p| has_page(mask, p));
+            if mask.iter().all(|&word| word == 0) || past_end {
+                return Err(damaged(format!("the page mask of block {} is not one of its pages", blocks[i])));
+            }
+        }
+    }
+    Ok(WorkingSet { blocks, pages: form.pages, window_ms: form.window_ms })
 }
 
 /// Saves `set`, recorded for the checkpoint `reader` reads, as the
@@ -205,13 +291,14 @@ pub fn save(dir: &Path, reader: &Reader, set: &WorkingSet) -> Result<PathBuf, Wo
     let blocks: Vec<u64> = set.blocks.iter().map(|&b| b as u64).collect();
     let form = FileForm {
         format: FORMAT.into(),
-        version: VERSION,
+        version: if set.pages.is_empty() { 1 } else { VERSION },
         checkpoint_index_crc: reader.index_crc(),
         memory_block_size: reader.header().memory_block_size,
         block_count: reader.block_count() as u64,
         window_ms: set.window_ms,
-        blocks_crc: blocks_crc(&blocks),
+        blocks_crc: blocks_crc(&blocks, &set.pages),
         blocks,
+        pages: set.pages.clone(),
     };
     let write_err = |source| WorkingSetError::Write { path: path.clone(), source };
     let text = serde_json::to_vec(&form).map_err(|e| write_err(e.into()))?;
@@ -238,7 +325,8 @@ pub fn save(dir: &Path, reader: &Reader, set: &WorkingSet) -> Result<PathBuf, Wo
 pub fn summary(dir: &Path, reader: &Reader) -> Result<Option<WorkingSetSummary>, WorkingSetError> {
     let Some(set) = load(dir, reader)? else { return Ok(None) };
     let bytes = set.blocks.iter().filter_map(|&b| reader.block_info(b)).map(|info| info.len as u64).sum();
-    Ok(Some(WorkingSetSummary { path: path_in(dir), blocks: set.blocks.len(), bytes, window_ms: set.window_ms }))
+    let pages = set.page_count(reader.header().memory_block_size as usize);
+    Ok(Some(WorkingSetSummary { path: path_in(dir), blocks: set.blocks.len(), bytes, pages, window_ms: set.window_ms }))
 }
 
 #[cfg(test)]
@@ -258,7 +346,8 @@ mod tests {
     }
 
     fn set() -> WorkingSet {
-        WorkingSet { blocks: vec![4, 0, 31, 3], window_ms: 2000 }
+        // 16 KiB blocks: 4 pages, one mask word each.
+        WorkingSet { blocks: vec![4, 0, 31, 3], pages: vec![0b1, 0b1111, 0b0110, 0b1000], window_ms: 2000 }
     }
 
     #[test]
@@ -270,10 +359,27 @@ mod tests {
         assert_eq!(path, dir.path().join(WORKING_SET_FILE));
         assert_eq!(load(dir.path(), &reader).expect("loads"), Some(set()));
         let summary = summary(dir.path(), &reader).expect("summary").expect("a set");
-        assert_eq!((summary.blocks, summary.bytes, summary.window_ms), (4, 4 * BLOCK as u64, 2000));
+        assert_eq!((summary.blocks, summary.bytes, summary.pages, summary.window_ms), (4, 4 * BLOCK as u64, 8, 2000));
+        let set = set();
+        assert_eq!(set.page_mask(2, BLOCK), Some(&[0b0110u64][..]));
+        assert!(has_page(set.page_mask(2, BLOCK).expect("a mask"), 1) && !has_page(&[0b0110], 0));
         // No temporary file is left behind.
         let names: Vec<_> = std::fs::read_dir(dir.path()).expect("lists").map(|e| e.expect("entry").file_name()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn a_version_1_file_loads_as_whole_blocks() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let reader = checkpoint(dir.path(), 7);
+        let whole = WorkingSet::whole_blocks(vec![4, 0, 31, 3], 2000);
+        save(dir.path(), &reader, &whole).expect("saves");
+        let text = std::fs::read_to_string(path_in(dir.path())).expect("reads");
+        assert!(text.contains("\"version\":1") && !text.contains("pages"), "{text}");
+        let loaded = load(dir.path(), &reader).expect("loads").expect("a set");
+        assert_eq!(loaded, whole);
+        assert_eq!(loaded.page_mask(0, BLOCK), None);
+        assert_eq!(loaded.page_count(BLOCK), 16);
     }
 
     #[test]
@@ -297,8 +403,9 @@ mod tests {
         let good = std::fs::read_to_string(path_in(dir.path())).expect("reads");
         let cases = [
             (good.replace("[4,0,31,3]", "[4,0,31,2]"), "does not match its checksum"),
+            (good.replace("[1,15,6,8]", "[1,15,6,9]"), "does not match its checksum"),
             (good[..good.len() / 2].to_string(), "EOF"),
-            (good.replace("\"version\":1", "\"version\":9"), "version 9"),
+            (good.replace("\"version\":2", "\"version\":9"), "version 9"),
             ("garbage".to_string(), "expected value"),
         ];
         for (text, needle) in cases {
@@ -306,17 +413,26 @@ mod tests {
             let err = load(dir.path(), &reader).expect_err("damaged");
             assert!(err.to_string().contains(needle), "{needle}: {err}");
         }
-        // Checksummed but out of range or repeated: still refused.
-        for (blocks, needle) in [(vec![1u64, 32], "beyond"), (vec![2, 2], "twice")] {
+        // Checksummed but out of range, repeated, or with masks that name
+        // no page, a page past the block, or too few: still refused.
+        for (version, blocks, pages, needle) in [
+            (VERSION, vec![1u64, 32], vec![1, 1], "beyond"),
+            (VERSION, vec![2, 2], vec![1, 1], "twice"),
+            (VERSION, vec![1, 2], vec![1, 0], "not one of its pages"),
+            (VERSION, vec![1, 2], vec![1, 0b10000], "not one of its pages"),
+            (VERSION, vec![1, 2], vec![1], "1 page mask words for 2 blocks"),
+            (1, vec![1, 2], vec![1, 1], "no page masks"),
+        ] {
             let form = FileForm {
                 format: FORMAT.into(),
-                version: VERSION,
+                version,
                 checkpoint_index_crc: reader.index_crc(),
                 memory_block_size: BLOCK as u32,
                 block_count: 32,
                 window_ms: 1,
-                blocks_crc: blocks_crc(&blocks),
+                blocks_crc: blocks_crc(&blocks, &pages),
                 blocks,
+                pages,
             };
             std::fs::write(path_in(dir.path()), serde_json::to_vec(&form).expect("json")).expect("writes");
             let err = load(dir.path(), &reader).expect_err("bad blocks");
