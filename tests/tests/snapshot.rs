@@ -121,7 +121,10 @@ fn lazy_restore_resumes_the_same_guest() {
     assert!(latency > 0.0);
     let faults: u64 = report["faults"].parse().expect("faults");
     let on_fault: u64 = report["blocks_on_fault"].parse().expect("blocks_on_fault");
-    assert!(faults > 0 && on_fault > 0, "the guest ran without faulting memory in: {report:?}");
+    assert!(faults > 0, "the guest ran without faulting memory in: {report:?}");
+    // A fault loads a block, or, while the snapshot's first restore (this
+    // one) records its working set, a page.
+    assert!(on_fault > 0 || report["working_set"] == "recorded", "faults loaded nothing: {report:?}");
 }
 
 #[test]
