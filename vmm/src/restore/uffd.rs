@@ -994,7 +994,7 @@ impl FaultThread {
         if shared.is_data(block) {
             if self.page_source != Some(block) {
                 self.page_source = None;
-                shared.reader.read_block(block, &mut self.page_buf[..info.len]).map_err(|e| {
+                self.reader.read_block(block, &mut self.page_buf[..info.len]).map_err(|e| {
                     format!(
                         "cannot load memory block {block} (guest address {:#x}) from the checkpoint: {}",
                         info.guest_addr,
