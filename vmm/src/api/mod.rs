@@ -57,6 +57,10 @@ const MAX_CONNECTIONS: usize = 16;
 /// every place taken, closes it to take its place.
 const IDLE_EVICTABLE: Duration = Duration::from_secs(1);
 
+/// The reply a connection closed to make room for a new one gets.
+const EVICTED: &str = "this API connection sent no request for a while and was closed to serve a new one \
+     (every connection was taken); connect again";
+
 /// How long a write to a client may block before the connection is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -394,6 +398,9 @@ impl Shared {
             };
             if let Some(open) = connections.open.remove(&idlest) {
                 info!("closing the API connection idle the longest to serve a new one");
+                // Saying so first: a client that was slow to send its request
+                // (a busy machine) then reads why, not a reset connection.
+                let _ = write_reply(&mut &open.stream, Err(EVICTED.to_owned()));
                 let _ = open.stream.shutdown(std::net::Shutdown::Both);
             }
         }
@@ -1348,14 +1355,20 @@ mod tests {
         // A new client is served: the idlest silent one made room.
         let mut client = RawClient::connect(server.path());
         assert_eq!(client.ask(r#"{"op":"status"}"#).get("did"), Some(&Value::from("status")));
-        let closed = silent
+        // The one closed reads why, then the end of the connection.
+        let closed: Vec<usize> = silent
             .iter_mut()
-            .filter_map(|c| {
+            .enumerate()
+            .filter_map(|(i, c)| {
                 c.reader.get_ref().set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
-                c.closed().then_some(())
+                let mut line = String::new();
+                c.reader.read_line(&mut line).ok().filter(|&n| n > 0)?;
+                assert!(line.contains("closed to serve a new one"), "{line}");
+                assert!(c.closed(), "a line, then the end");
+                Some(i)
             })
-            .count();
-        assert_eq!(closed, 1, "exactly one idle client was closed");
+            .collect();
+        assert_eq!(closed.len(), 1, "exactly one idle client was closed: {closed:?}");
         drop((client, silent));
         assert_eq!(stop(server, vmm), vec![ApiRequest::Status]);
     }
