@@ -303,6 +303,10 @@ struct Shared {
     /// Every block's info, resolved through the chain once.
     infos: Vec<BlockInfo>,
     state: Vec<AtomicU8>,
+    /// Blocks with some of their pages in and the rest missing: pages
+    /// loaded alone while recording, or the guest's pages of a preloaded
+    /// block. Completed before [`LazyMemory::resident`] answers.
+    partial: Vec<AtomicBool>,
     /// Data (non-zero) blocks not loaded yet.
     data_missing: AtomicUsize,
     /// Guest memory is (being) unregistered from the userfaultfd.
@@ -397,6 +401,7 @@ impl LazyMemory {
             WorkingSetPlan::Preloaded { set, took } => (Vec::new(), None, Some((set, took))),
         };
         let state: Vec<AtomicU8> = (0..count).map(|_| AtomicU8::new(MISSING)).collect();
+        let partial: Vec<AtomicBool> = (0..count).map(|_| AtomicBool::new(false)).collect();
         let mut in_set = vec![false; count];
         for &b in &set {
             if let Some(slot) = in_set.get_mut(b) {
@@ -416,7 +421,9 @@ impl LazyMemory {
                 }
                 in_place += 1;
                 let whole = set.page_mask(i, block_size).is_none_or(|mask| working_set::covers(mask, infos[b].len));
-                if whole && state[b].swap(LOADED, Ordering::Relaxed) != LOADED && infos[b].kind != BlockKind::Zero {
+                if !whole {
+                    partial[b].store(true, Ordering::Relaxed);
+                } else if state[b].swap(LOADED, Ordering::Relaxed) != LOADED && infos[b].kind != BlockKind::Zero {
                     data_missing -= 1;
                 }
             }
@@ -436,6 +443,7 @@ impl LazyMemory {
             reader,
             infos,
             state,
+            partial,
             data_missing: AtomicUsize::new(data_missing),
             released: AtomicBool::new(false),
             prefetch: AtomicBool::new(options.prefetch),
@@ -903,6 +911,10 @@ impl FaultThread {
                         }
                     }
                     Ok(Control::Resident(reply)) => {
+                        // A block "not resident" must hold exactly what the
+                        // checkpoint holds; one with some pages in may hold
+                        // the guest's writes, so it is made whole first.
+                        self.complete_partial_blocks()?;
                         let resident = (!shared.released.load(Ordering::Acquire))
                             .then(|| shared.state.iter().map(|s| s.load(Ordering::Acquire) == LOADED).collect());
                         let _ = reply.send(resident);
@@ -977,6 +989,21 @@ impl FaultThread {
         Ok(())
     }
 
+    /// Loads the rest of every block that has only some of its pages in.
+    fn complete_partial_blocks(&mut self) -> Result<(), String> {
+        let shared = self.shared.clone();
+        if shared.released.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        for block in 0..shared.infos.len() {
+            if shared.partial[block].load(Ordering::Acquire) && shared.state[block].load(Ordering::Acquire) != LOADED {
+                let _ = shared.claim(block);
+                shared.load_run(&self.reader, Run { first: block, count: 1, working_set: false }, &mut self.buf)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Loads the page at `host` of `block` alone, while recording, and
     /// notes it. The rest of the block stays missing, for its own faults
     /// (and for prefetch once the recording ends: a copy steps over pages
@@ -989,6 +1016,7 @@ impl FaultThread {
             .host_of(info.guest_addr)
             .ok_or_else(|| format!("memory block {block} lies outside guest memory"))?;
         let index = (page - start) / 4096;
+        shared.partial[block].store(true, Ordering::Release);
         let words = working_set::mask_words(shared.reader.header().memory_block_size as usize);
         self.page_bits[block * words + index / 64] |= 1 << (index % 64);
         if shared.is_data(block) {
@@ -1568,6 +1596,12 @@ mod tests {
         // checkpoint's data; so does all the rest.
         assert_eq!(read(&mem, page(40, 1), 4096), image[page(40, 1)..page(40, 2)]);
         assert_eq!(lazy.stats().faults, 1, "{:?}", lazy.stats());
+        // Block 1, partly in, counts as resident once asked (made whole);
+        // block 42, not in the set, does not.
+        let resident = lazy.resident().expect("resident").expect("not released");
+        assert!(resident[1] && resident[40] && resident[41] && !resident[42], "{resident:?}");
+        assert_eq!(read(&mem, page(1, 0), BLOCK), image[page(1, 0)..page(2, 0)]);
+        assert_eq!(lazy.stats().faults, 1, "block 1 was whole already: {:?}", lazy.stats());
         assert_eq!(read(&mem, 0, MEM), image);
         assert!(failed.try_recv().is_err());
     }
@@ -1622,6 +1656,13 @@ mod tests {
         // two, block 30's one); nothing prefetched yet.
         assert_eq!((report.faults, report.blocks_on_fault, report.blocks_prefetched), (7, 0, 0), "{report:?}");
         assert_eq!(report.working_set.state, WorkingSetState::Recording);
+        // Block 41 has two of its pages in, which the guest may have
+        // written: asked what is resident (a snapshot does), it is made
+        // whole and counts as resident; block 40, untouched, does not.
+        let resident = lazy.resident().expect("resident").expect("not released");
+        assert!(resident[41] && resident[2] && !resident[40], "{resident:?}");
+        assert_eq!(read(&mem, 41 * BLOCK, BLOCK), image[41 * BLOCK..42 * BLOCK]);
+        assert_eq!(lazy.stats().faults, 7, "block 41 was whole already: {:?}", lazy.stats());
         wait_for("the end of the recording", &lazy, |r| r.working_set.state == WorkingSetState::Recorded);
         wait_for("prefetch after the recording", &lazy, |r| r.resident_after_ms.is_some());
         let deadline = Instant::now() + Duration::from_secs(30);
