@@ -746,13 +746,7 @@ impl Shared {
             let began = Instant::now();
             for block in run.first..run.first + run.count {
                 let info = &self.infos[block];
-                reader.read_block(block, &mut buf[len..len + info.len]).map_err(|e| {
-                    format!(
-                        "cannot load memory block {block} (guest address {:#x}) from the checkpoint: {}",
-                        info.guest_addr,
-                        error_chain(&e)
-                    )
-                })?;
+                reader.read_block(block, &mut buf[len..len + info.len]).map_err(|e| load_failed(info, &e))?;
                 len += info.len;
             }
             let read = began.elapsed();
@@ -1022,13 +1016,7 @@ impl FaultThread {
         if shared.is_data(block) {
             if self.page_source != Some(block) {
                 self.page_source = None;
-                self.reader.read_block(block, &mut self.page_buf[..info.len]).map_err(|e| {
-                    format!(
-                        "cannot load memory block {block} (guest address {:#x}) from the checkpoint: {}",
-                        info.guest_addr,
-                        error_chain(&e)
-                    )
-                })?;
+                self.reader.read_block(block, &mut self.page_buf[..info.len]).map_err(|e| load_failed(info, &e))?;
                 self.page_source = Some(block);
             }
             let offset = page - start;
@@ -1122,9 +1110,6 @@ struct PreloadRun {
     /// Zero blocks only, else data blocks only.
     zero: bool,
     blocks: std::ops::Range<usize>,
-    /// One block of which only the pages of this mask are loaded; `None`:
-    /// every page of every block of the run.
-    mask: Option<Vec<u64>>,
 }
 
 /// Loads the blocks of `set` straight into guest memory that is not
@@ -1172,14 +1157,11 @@ pub fn preload(mem: &GuestMemoryMmap, reader: &Reader, set: &WorkingSet) -> Resu
     let mut runs: Vec<PreloadRun> = Vec::new();
     for (i, (info, host, mask)) in infos.iter().enumerate() {
         let zero = info.kind == BlockKind::Zero;
-        if let Some(mask) = mask {
-            runs.push(PreloadRun { host: *host, len: info.len, zero, blocks: i..i + 1, mask: Some(mask.to_vec()) });
-            continue;
-        }
-        if let Some(run) = runs.last_mut() {
-            let (last, _, _) = &infos[run.blocks.end - 1];
+        // A block loaded in part is a run of its own.
+        if let Some(run) = runs.last_mut().filter(|_| mask.is_none()) {
+            let (last, _, last_mask) = &infos[run.blocks.end - 1];
             if run.zero == zero
-                && run.mask.is_none()
+                && last_mask.is_none()
                 && run.blocks.len() < RUN_BLOCKS
                 && last.index + 1 == info.index
                 && last.guest_addr + last.len as u64 == info.guest_addr
@@ -1190,7 +1172,7 @@ pub fn preload(mem: &GuestMemoryMmap, reader: &Reader, set: &WorkingSet) -> Resu
                 continue;
             }
         }
-        runs.push(PreloadRun { host: *host, len: info.len, zero, blocks: i..i + 1, mask: None });
+        runs.push(PreloadRun { host: *host, len: info.len, zero, blocks: i..i + 1 });
     }
     // No transparent huge pages while populating: a write (or populate)
     // of one page could otherwise bring in a whole zeroed 2 MiB page,
@@ -1224,11 +1206,13 @@ pub fn preload(mem: &GuestMemoryMmap, reader: &Reader, set: &WorkingSet) -> Resu
         let mut buf = Vec::new();
         while !failed.load(Ordering::Relaxed) {
             let Some(run) = runs.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
+            // Only a run of one block has a mask: that block's.
+            let mask = infos[run.blocks.start].2;
             let populating = thread_cpu_time();
             let advice = if run.zero { MADV_POPULATE_READ } else { MADV_POPULATE_WRITE };
             // The ranges to allocate: the run, or each stretch of
             // neighbouring pages of the mask.
-            let ranges: Vec<(usize, usize)> = match &run.mask {
+            let ranges: Vec<(usize, usize)> = match mask {
                 None => vec![(0, run.len)],
                 Some(mask) => page_stretches(mask, run.len),
             };
@@ -1246,7 +1230,7 @@ pub fn preload(mem: &GuestMemoryMmap, reader: &Reader, set: &WorkingSet) -> Resu
                 continue;
             }
             for (info, host, _) in &infos[run.blocks.clone()] {
-                let result = if run.mask.is_none() {
+                let result = if mask.is_none() {
                     // SAFETY: `host..host + info.len` is this block's part
                     // of guest memory (checked above), which no other
                     // thread touches until the preload is done: each block
@@ -1267,12 +1251,7 @@ pub fn preload(mem: &GuestMemoryMmap, reader: &Reader, set: &WorkingSet) -> Resu
                 };
                 if let Err(e) = result {
                     failed.store(true, Ordering::Relaxed);
-                    failure.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(format!(
-                        "cannot load memory block {} (guest address {:#x}) from the checkpoint: {}",
-                        info.index,
-                        info.guest_addr,
-                        error_chain(&e)
-                    ));
+                    failure.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(load_failed(info, &e));
                     return;
                 }
             }
@@ -1316,6 +1295,16 @@ fn page_stretches(mask: &[u64], len: usize) -> Vec<(usize, usize)> {
         }
     }
     out
+}
+
+/// The message of a block that could not be read from the checkpoint.
+fn load_failed(info: &BlockInfo, e: &crate::checkpoint::ReadError) -> String {
+    format!(
+        "cannot load memory block {} (guest address {:#x}) from the checkpoint: {}",
+        info.index,
+        info.guest_addr,
+        error_chain(e)
+    )
 }
 
 /// The calling thread's CPU time so far.
