@@ -200,10 +200,11 @@ pub enum Runner {
 }
 
 /// vCPUs of the test host's L1 for tests. One: with two, the emulated SVM
-/// under multi-threaded TCG now and then wedges both L1 CPUs (the L1 kernel
-/// reports soft lockups in the guest's vCPU threads) or triple-faults a
-/// healthy guest; with one, neither was seen (docs/testhost.md). Guests with
-/// two vCPUs still run, on one L1 CPU.
+/// under multi-threaded TCG triple-faults healthy guests now and then. The
+/// VM the test host holds open ended its wedges (soft lockups in both L1
+/// CPUs), but not that: a whole run of these tests with two L1 CPUs lost
+/// guests to triple faults in 3 tests, where one-CPU runs lose none
+/// (docs/testhost.md). Guests with two vCPUs still run, on one L1 CPU.
 const TESTHOST_CPUS: &str = "1";
 
 /// `scripts/testhost`'s exit status when the L1 wedged.
