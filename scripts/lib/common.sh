@@ -78,3 +78,8 @@ ensure_packages() {
 # The test host's L1 CPU model (QEMU -cpu): STASIS_TESTHOST_CPU, or QEMU's
 # `max` without ERMS and FSRM (why: docs/testhost.md, "The L1's CPU").
 testhost_cpu_model() { echo "${STASIS_TESTHOST_CPU:-max,-erms,-fsrm}"; }
+
+# Whether the test host's L1 randomizes the address space (1) or not (0,
+# the default): STASIS_TESTHOST_ASLR (why: docs/testhost.md, "Address
+# space randomization off in the L1").
+testhost_aslr() { echo "${STASIS_TESTHOST_ASLR:-0}"; }
