@@ -83,3 +83,15 @@ testhost_cpu_model() { echo "${STASIS_TESTHOST_CPU:-max,-erms,-fsrm}"; }
 # the default): STASIS_TESTHOST_ASLR (why: docs/testhost.md, "Address
 # space randomization off in the L1").
 testhost_aslr() { echo "${STASIS_TESTHOST_ASLR:-0}"; }
+
+# Prints the `outer` line each benchmark script prints first: the machine
+# that runs the test host, and the test host's settings. $1: its memory
+# (MiB); $2, when given: its vCPUs.
+print_outer_line() {
+    local cpu kvm cpus_field=
+    cpu=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//; s/"/'"'"'/g')
+    if [ -e /sys/module/kvm_pvm ]; then kvm=kvm_pvm; elif [ -e /dev/kvm ]; then kvm=other; else kvm=none; fi
+    [ $# -lt 2 ] || cpus_field=" testhost_cpus=$2"
+    printf 'outer kernel=%s cpu="%s" cpus=%s kvm=%s runs=testhost testhost_memory_mib=%s%s testhost_cpu_model=%s testhost_aslr=%s\n' \
+        "$(uname -r)" "$cpu" "$(nproc)" "$kvm" "$1" "$cpus_field" "$(testhost_cpu_model)" "$(testhost_aslr)"
+}
